@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make main` (set up, train + evaluate brain_tumor_cls, print metrics)
+# and `make test` (set up, run the tests). Everything installs into ./.venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Install torch before the rest: on these machines `torch==2.13.0` is a local CPU wheel, and a bare
+# `pip install monai` would otherwise pull a several-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+MEDPIPE_DATA ?= $(abspath ../shared/data)
+export MEDPIPE_DATA
+
+.PHONY: setup main test lint bench clean
+
+$(BIN)/medpipe: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/medpipe
+
+main: setup
+	$(BIN)/medpipe demo
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+lint: setup
+	$(BIN)/ruff check medpipe tests benchmarks
+
+bench: setup
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/bench_train_speed.py
+
+clean:
+	rm -rf $(VENV) bundles/*/models bundles/*/eval bundles/*/inference

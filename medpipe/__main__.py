@@ -1,0 +1,3 @@
+from medpipe.cli import entry
+
+entry()

@@ -1,0 +1,125 @@
+"""Helpers the bundle configs call, and `medpipe run`, a checked front end to `python -m monai.bundle run`."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medpipe.errors import MedpipeError, install_excepthook
+
+logger = logging.getLogger(__name__)
+
+# arguments of `monai.bundle run` itself, which are not config ids
+RUN_ARGS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
+CONFIGS = {"train": ["train"], "evaluate": ["train", "evaluate"], "inference": ["train", "inference"]}
+
+
+def _argv_value(argv: Sequence[str], key: str) -> str | None:
+    for i, token in enumerate(argv):
+        if token == f"--{key}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith(f"--{key}="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def _as_file_list(value: str | Sequence[str]) -> list[str]:
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith(("[", "(")):
+            return [str(v) for v in ast.literal_eval(value)]
+        return [value]
+    return [str(v) for v in value]
+
+
+def bundle_root(argv: Sequence[str] | None = None) -> str:
+    """The bundle folder: parent of the `configs/` folder of the first `--config_file` on the command line.
+
+    The configs' default `bundle_root` comes from here so that a bundle runs from any working directory.
+    """
+    argv = sys.argv if argv is None else argv
+    config_file = _argv_value(argv, "config_file")
+    if config_file is None:
+        return "."
+    first = Path(_as_file_list(config_file)[0]).resolve()
+    return str(first.parent.parent if first.parent.name == "configs" else first.parent)
+
+
+def check_override_keys(config_files: Sequence[str], keys: Sequence[str]) -> None:
+    """Refuse override ids that no config defines: a typo must not silently become a new, unused setting."""
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_files(list(config_files))
+    for key in keys:
+        root = key.split("#", 1)[0]
+        if key not in RUN_ARGS and root not in config:
+            known = ", ".join(sorted(k for k in config if not k.startswith("_") and k != "imports"))
+            raise MedpipeError(f"unknown override '--{key}' for {', '.join(config_files)}; known keys: {known}")
+
+
+def check_overrides(argv: Sequence[str] | None = None) -> None:
+    """Called from the configs' `initialize`: validate `python -m monai.bundle run …`'s overrides.
+
+    Also installs the one-line error hook, so bad input ends the run with one readable line.
+    """
+    install_excepthook()
+    argv = sys.argv if argv is None else argv
+    if not argv or not str(argv[0]).replace("\\", "/").endswith("monai/bundle/__main__.py"):
+        return  # started from Python (tests, `medpipe run`): those callers check their own keys
+    config_file = _argv_value(argv, "config_file")
+    if config_file is None:
+        return
+    keys = [t[2:].split("=", 1)[0] for t in argv[1:] if t.startswith("--")]
+    check_override_keys(_as_file_list(config_file), keys)
+
+
+def require_file(path: str, what: str, hint: str = "") -> str:
+    """Fail early, in one line, when an input file such as the checkpoint is missing."""
+    if not Path(path).is_file():
+        raise MedpipeError(f"{what} '{path}' not found{'; ' + hint if hint else ''}")
+    return path
+
+
+def config_files(bundle_dir: str | Path, config: str = "train", network: str | None = None) -> list[str]:
+    """The config files for a bundle job: train.json, the network overlay, then the job's own overlay."""
+    bundle_dir = Path(bundle_dir)
+    if not (bundle_dir / "configs" / "train.json").is_file():
+        raise MedpipeError(f"'{bundle_dir}' is not a medpipe bundle (no configs/train.json)")
+    if config not in CONFIGS:
+        raise MedpipeError(f"config must be one of {sorted(CONFIGS)}, got '{config}'")
+    names = CONFIGS[config][:1] + ([f"net_{network}"] if network else []) + CONFIGS[config][1:]
+    files = [bundle_dir / "configs" / f"{name}.json" for name in names]
+    for f in files:
+        if not f.is_file():
+            nets = sorted(p.stem[4:] for p in (bundle_dir / "configs").glob("net_*.json"))
+            raise MedpipeError(f"no config '{f}'" + (f"; networks available: {nets}" if network else ""))
+    return [str(f) for f in files]
+
+
+def run_bundle(
+    bundle_dir: str | Path, config: str = "train", network: str | None = None, **overrides: Any
+) -> list[Any]:
+    """Run one bundle job in this process, with the same checks as the command line."""
+    from monai.bundle import ConfigWorkflow
+
+    files = config_files(bundle_dir, config, network)
+    check_override_keys(files, list(overrides))
+    overrides.setdefault("bundle_root", str(Path(bundle_dir).resolve()))
+    workflow = ConfigWorkflow(config_file=files, workflow_type=None, **overrides)
+    workflow.initialize()
+    result = workflow.run()
+    workflow.finalize()
+    return result
+
+
+def run_command(bundle: str, config: str = "train", network: str | None = None, **overrides: Any) -> None:
+    """medpipe run BUNDLE [train|evaluate|inference] [--network NAME] [--key value …]
+
+    BUNDLE is a bundle folder or the name of one under ./bundles.
+    """
+    bundle_dir = Path(bundle) if Path(bundle).is_dir() else Path("bundles") / bundle
+    run_bundle(bundle_dir, config, network, **overrides)

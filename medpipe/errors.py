@@ -1,0 +1,36 @@
+"""One error type for bad input, reported as one line instead of a stack trace."""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+
+
+class MedpipeError(Exception):
+    """Bad input or configuration that the user can fix; the message says what and how."""
+
+
+def find_medpipe_error(exc: BaseException | None) -> MedpipeError | None:
+    """Walk the cause/context chain: MONAI and ignite wrap errors raised inside transforms and handlers."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MedpipeError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _one_line_hook(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None, _default=sys.excepthook
+) -> None:
+    err = find_medpipe_error(exc)
+    if err is None:
+        _default(exc_type, exc, tb)
+        return
+    print(f"medpipe error: {err}", file=sys.stderr)
+
+
+def install_excepthook() -> None:
+    """Print MedpipeErrors (even wrapped ones) as one line; leave every other error's traceback alone."""
+    sys.excepthook = _one_line_hook
