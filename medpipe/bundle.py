@@ -77,6 +77,18 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     check_override_keys(_as_file_list(config_file), keys)
 
 
+def flag(value: Any) -> bool:
+    """A boolean config key as given on the command line: fire passes `--resume true` as the string 'true'."""
+    if isinstance(value, (bool, int)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off", "", "none"):
+        return False
+    raise MedpipeError(f"expected true or false, got '{value}'")
+
+
 def require_file(path: str, what: str, hint: str = "") -> str:
     """Fail early, in one line, when an input file such as the checkpoint is missing."""
     if not Path(path).is_file():
@@ -116,10 +128,18 @@ def run_bundle(
     return result
 
 
+def find_bundle(bundle: str | Path) -> Path:
+    """A bundle folder given as a path, or by name under ./bundles or this checkout's bundles/."""
+    candidates = [Path(bundle), Path("bundles") / bundle, Path(__file__).resolve().parents[1] / "bundles" / bundle]
+    for candidate in candidates:
+        if (candidate / "configs" / "train.json").is_file():
+            return candidate
+    raise MedpipeError(f"no bundle '{bundle}': give a bundle folder or one of the names under bundles/")
+
+
 def run_command(bundle: str, config: str = "train", network: str | None = None, **overrides: Any) -> None:
     """medpipe run BUNDLE [train|evaluate|inference] [--network NAME] [--key value …]
 
     BUNDLE is a bundle folder or the name of one under ./bundles.
     """
-    bundle_dir = Path(bundle) if Path(bundle).is_dir() else Path("bundles") / bundle
-    run_bundle(bundle_dir, config, network, **overrides)
+    run_bundle(find_bundle(bundle), config, network, **overrides)

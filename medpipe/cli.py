@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from medpipe.errors import MedpipeError, find_medpipe_error
+from medpipe.errors import find_medpipe_error
 
 # verb -> "module:function"; add a line here to add a verb.
 VERBS: dict[str, str] = {
     "run": "medpipe.bundle:run_command",
     "cv": "medpipe.cv:cv_command",
+    "cv_report": "medpipe.cv:cv_report_command",
     "demo": "medpipe.demo:demo_command",
     "verify": "medpipe.verify:verify_command",
     "ingest": "medpipe.dicom:ingest_command",
+    "compare": "medpipe.tracking:compare_command",
+    "zoo": "medpipe.zoo:zoo_command",
 }
 
 

@@ -33,7 +33,9 @@ class AutocastInferer(Inferer):
         return outputs.float()
 
 
-def prepare_network(network: torch.nn.Module, device: torch.device | str, channels_last: bool = False) -> torch.nn.Module:
+def prepare_network(
+    network: torch.nn.Module, device: torch.device | str, channels_last: bool = False
+) -> torch.nn.Module:
     """Move to `device` and, when asked, to channels_last memory format (pairs with AutocastInferer)."""
     network = network.to(device)
     return network.to(memory_format=torch.channels_last) if channels_last else network

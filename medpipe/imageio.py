@@ -73,7 +73,7 @@ def _read_dicom(path: Path) -> np.ndarray:
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and ds.get("SamplesPerPixel", 1) > 1:
         pixels = pixels[..., :3].mean(axis=-1)
     if pixels.ndim != 2:
-        raise MedpipeError(f"DICOM '{path}' is not a 2-D image (shape {pixels.shape}); ingest volumes with `medpipe ingest`")
+        raise MedpipeError(f"DICOM '{path}' is not 2-D (shape {pixels.shape}); ingest volumes with `medpipe ingest`")
     pixels = apply_voi_lut(pixels, ds) if "WindowCenter" in ds or "VOILUTSequence" in ds else pixels
     pixels = pixels.astype(np.float32)
     if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":  # bright = low attenuation: invert to MONOCHROME2

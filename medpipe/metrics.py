@@ -101,7 +101,7 @@ def classification_report(
     if probs_arr.ndim == 1:  # a single sigmoid output is P(class 1)
         probs_arr = np.stack([1 - probs_arr, probs_arr], axis=1)
     if probs_arr.shape != (len(labels_arr), len(class_names)):
-        raise ValueError(f"probs shape {probs_arr.shape} does not fit {len(labels_arr)} cases x {len(class_names)} classes")
+        raise ValueError(f"probs shape {probs_arr.shape} != ({len(labels_arr)}, {len(class_names)})")
     if len(labels_arr) == 0:
         raise ValueError("no cases to score")
     point = point_metrics(labels_arr, probs_arr)
@@ -109,7 +109,8 @@ def classification_report(
     metrics: dict[str, Any] = {}
     for name, value in point.items():
         lo_hi = cis.get(name)
-        entry = {"value": _clean(value), "ci95": [_clean(lo_hi[0]), _clean(lo_hi[1])] if lo_hi and not np.isnan(value) else None}
+        ci95 = [_clean(lo_hi[0]), _clean(lo_hi[1])] if lo_hi and not np.isnan(value) else None
+        entry = {"value": _clean(value), "ci95": ci95}
         # per-class keys "metric/<i>" become nested under the class name for readability
         if "/" in name:
             metric, cls = name.split("/")
@@ -125,3 +126,121 @@ def classification_report(
         "ci_method": f"percentile bootstrap over cases, {n_boot} resamples, seed {seed}",
         "metrics": metrics,
     }
+
+
+# ----------------------------------------------------------------------------------------- segmentation metrics
+# Masks are boolean arrays of one 2-D slice. Empty-vs-empty is scored as perfect (Dice 1, HD95 0) on purpose: a
+# slice with no infection where none is predicted is a correct answer, not an undefined one. When exactly one side
+# is empty, Dice is 0 and every boundary point of the other side counts at `empty_distance` (the image diagonal).
+
+
+def dice_score(pred: np.ndarray, true: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty."""
+    total = int(pred.sum()) + int(true.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, true).sum()) / total
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import binary_erosion
+
+    return mask & ~binary_erosion(mask, border_value=0)
+
+
+def surface_distances(pred: np.ndarray, true: np.ndarray, empty_distance: float | None = None) -> np.ndarray:
+    """Distances (pixels) from each boundary pixel of either mask to the other mask's boundary, both directions.
+
+    Both empty: no distances. One empty: each boundary pixel of the other counts `empty_distance`
+    (default: the image diagonal), so a missed or invented structure is penalised rather than ignored.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    edge_pred, edge_true = _boundary(pred.astype(bool)), _boundary(true.astype(bool))
+    if not edge_pred.any() and not edge_true.any():
+        return np.zeros(0, dtype=np.float32)
+    if not edge_pred.any() or not edge_true.any():
+        penalty = float(np.hypot(*pred.shape[-2:])) if empty_distance is None else empty_distance
+        return np.full(int(edge_pred.sum() + edge_true.sum()), penalty, dtype=np.float32)
+    to_true = distance_transform_edt(~edge_true)[edge_pred]
+    to_pred = distance_transform_edt(~edge_pred)[edge_true]
+    return np.concatenate([to_true, to_pred]).astype(np.float32)
+
+
+def hd95_from_distances(distances: np.ndarray) -> float:
+    """95th percentile of pooled symmetric surface distances; 0.0 when there are none (both masks empty)."""
+    return float(np.percentile(distances, 95)) if len(distances) else 0.0
+
+
+def bootstrap_mean_ci(
+    values: Sequence[float] | np.ndarray, clusters: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile 95 % CI of the mean; with `clusters`, whole clusters (volumes) are resampled, not single values.
+
+    Slices of one volume are correlated, so resampling slices alone would make the interval too narrow.
+    None when fewer than two clusters (or values) exist.
+    """
+    vals = np.asarray(values, dtype=float)
+    keys = np.asarray(clusters if clusters is not None else np.arange(len(vals)).astype(str))
+    names, inverse = np.unique(keys, return_inverse=True)
+    if len(names) < 2:
+        return None
+    sums = np.bincount(inverse, weights=vals, minlength=len(names))
+    counts = np.bincount(inverse, minlength=len(names)).astype(float)
+    idx = np.random.default_rng(seed).integers(0, len(names), (n_boot, len(names)))
+    means = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def _entry(values: Sequence[float], clusters: Sequence[str] | None, n_boot: int, seed: int) -> dict[str, Any]:
+    ci = bootstrap_mean_ci(values, clusters, n_boot, seed) if n_boot else None
+    return {
+        "value": _clean(float(np.mean(values))),
+        "ci95": [_clean(ci[0]), _clean(ci[1])] if ci else None,
+        "median": _clean(float(np.median(values))),
+    }
+
+
+def segmentation_report(
+    slices: Sequence[dict[str, Any]], structures: Sequence[str], n_boot: int = 1000, seed: int = 0
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(metrics.json payload, per-slice rows, per-volume rows) from per-slice statistics.
+
+    Each slice dict holds `path`, `group` (its volume) and, for every structure s, `s_inter`, `s_pred`, `s_true`
+    (pixel counts) and `s_dist` (surface distances). Per volume, the slices of a group are stacked: Dice pools their
+    pixels and HD95 pools their in-plane surface distances. Means are reported with bootstrap CIs over volumes.
+    """
+    if not slices:
+        raise ValueError("no slices to score")
+    slice_rows, by_group = [], {}
+    for s in slices:
+        row: dict[str, Any] = {"path": s["path"], "volume_group": s["group"]}
+        for name in structures:
+            total = s[f"{name}_pred"] + s[f"{name}_true"]
+            row[f"dice_{name}"] = 1.0 if total == 0 else 2.0 * s[f"{name}_inter"] / total
+            row[f"hd95_{name}"] = hd95_from_distances(s[f"{name}_dist"])
+            row[f"{name}_pixels_true"], row[f"{name}_pixels_pred"] = s[f"{name}_true"], s[f"{name}_pred"]
+        slice_rows.append(row)
+        by_group.setdefault(s["group"], []).append(s)
+    volume_rows = []
+    for group in sorted(by_group):
+        members, row = by_group[group], {"volume_group": group, "slices": len(by_group[group])}
+        for name in structures:
+            inter, pred, true = (sum(m[f"{name}_{k}"] for m in members) for k in ("inter", "pred", "true"))
+            row[f"dice_{name}"] = 1.0 if pred + true == 0 else 2.0 * inter / (pred + true)
+            row[f"hd95_{name}"] = hd95_from_distances(np.concatenate([m[f"{name}_dist"] for m in members]))
+            row[f"{name}_pixels_true"], row[f"{name}_pixels_pred"] = true, pred
+        volume_rows.append(row)
+    groups = [r["volume_group"] for r in slice_rows]
+    keys = [f"{m}_{s}" for s in structures for m in ("dice", "hd95")]
+    report = {
+        "n": len(slice_rows),
+        "n_volumes": len(volume_rows),
+        "ci_method": (
+            f"percentile bootstrap of the mean, {n_boot} resamples, seed {seed}; resampling volumes "
+            "(per_slice: whole volumes' slices), so intervals are wide when few volumes are scored"
+        ),
+        "metrics": {
+            "per_volume": {k: _entry([r[k] for r in volume_rows], None, n_boot, seed) for k in keys},
+            "per_slice": {k: _entry([r[k] for r in slice_rows], groups, n_boot, seed) for k in keys},
+        },
+    }
+    return report, slice_rows, volume_rows

@@ -94,3 +94,11 @@ def test_train_evaluate_inference_run(bundle: Path, tmp_path: Path) -> None:
         with (tmp_path / "infer" / "predictions.csv").open() as fh:
             rows = list(csv.DictReader(fh))
         assert rows and all(0.0 <= float(v) <= 1.0 for r in rows for k, v in r.items() if k.startswith("prob_"))
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_medpipe_verify_command(bundle: Path) -> None:
+    from medpipe.verify import verify_bundle
+
+    passed = verify_bundle(bundle)
+    assert passed[0].startswith("metadata") and len(passed) == 1 + len(_meta(bundle)["medpipe"]["networks"])

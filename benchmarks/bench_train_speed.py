@@ -1,0 +1,140 @@
+"""Training speed of the paper's CNN: medpipe (PyTorch) against Keras (the paper's framework), and medpipe's
+precision / memory-format options, all measured in this one run on the same images.
+
+    python benchmarks/bench_train_speed.py [--steps 30] [--accuracy] [--cv]
+
+Prints images/s and the ratio against the Keras baseline. --accuracy trains fold 0 of the bundle in fp32 and in
+the fastest option and checks that accuracy stays inside fp32's bootstrap CI. --cv times the whole 5-fold CV.
+Keras needs the optional extra: pip install -e ".[bench]" (tensorflow-cpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medpipe.data import scan_class_folders
+from medpipe.demo import make_synthetic_set
+from medpipe.engine import AutocastInferer
+from medpipe.imageio import load_grey_2d
+from medpipe.nets import PaperCNN
+
+BATCH, SIZE = 16, 128
+
+
+def load_images(limit: int = 160) -> tuple[np.ndarray, np.ndarray, str]:
+    """(N, 1, 128, 128) float32 images and labels: the real yes/no set when present, else synthetic."""
+    real = Path(os.environ.get("MEDPIPE_DATA", "/nonexistent")) / "brain_mri_yes_no"
+    root, source = (real, "real brain_mri_yes_no") if real.is_dir() else (None, "SYNTHETIC images")
+    if root is None:
+        root = make_synthetic_set(tempfile.mkdtemp(), per_class=limit // 2, size=SIZE)
+    items = scan_class_folders(root, ["no", "yes"])[:limit]
+    resize = torch.nn.functional.interpolate
+    images = [resize(torch.from_numpy(load_grey_2d(it["image"]))[None, None], size=(SIZE, SIZE), mode="area")[0]
+              for it in items]  # fmt: skip
+    return torch.stack(images).numpy(), np.array([it["label"] for it in items], np.float32), source
+
+
+def torch_images_per_s(x: np.ndarray, y: np.ndarray, precision: str, channels_last: bool, steps: int) -> float:
+    """The bundle's training step (AutocastInferer + BCEWithLogits + Adam) on PaperCNN."""
+    torch.manual_seed(0)
+    net = PaperCNN()
+    net = net.to(memory_format=torch.channels_last) if channels_last else net
+    inferer, loss_fn = AutocastInferer(precision, channels_last), torch.nn.BCEWithLogitsLoss()
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)[:, None]
+    n_batches = len(x) // BATCH
+
+    def step(i: int) -> None:
+        b = slice((i % n_batches) * BATCH, (i % n_batches + 1) * BATCH)
+        opt.zero_grad()
+        loss_fn(inferer(xt[b], net), yt[b]).backward()
+        opt.step()
+
+    for i in range(3):  # warm-up: oneDNN primitive creation
+        step(i)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    return steps * BATCH / (time.perf_counter() - start)
+
+
+def keras_images_per_s(x: np.ndarray, y: np.ndarray, steps: int) -> float | None:
+    """The same architecture in Keras (valid padding, ReLU, sigmoid output, Adam, binary cross-entropy)."""
+    try:
+        import keras
+    except ImportError:
+        return None
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([
+        keras.Input((SIZE, SIZE, 1)),
+        layers.Conv2D(32, 4, activation="relu"), layers.Conv2D(16, 4, activation="relu"), layers.MaxPooling2D(2),
+        layers.Conv2D(32, 4, activation="relu"), layers.Conv2D(16, 3, activation="relu"), layers.MaxPooling2D(2),
+        layers.Flatten(), layers.Dense(1, activation="sigmoid"),
+    ])  # fmt: skip
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    xk = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # Keras is channels-last (NHWC)
+    n = (len(xk) // BATCH) * BATCH
+    model.fit(xk[:n], y[:n], batch_size=BATCH, epochs=1, verbose=0)  # warm-up: graph tracing
+    epochs = max(1, steps * BATCH // n)
+    start = time.perf_counter()
+    model.fit(xk[:n], y[:n], batch_size=BATCH, epochs=epochs, verbose=0)
+    return epochs * n / (time.perf_counter() - start)
+
+
+def fold0_accuracy(precision: str, channels_last: bool, out: Path) -> dict:
+    from medpipe.bundle import find_bundle, run_bundle
+
+    common = {"fold": 0, "ckpt_dir": str(out), "output_dir": str(out), "precision": precision,
+              "channels_last": channels_last}  # fmt: skip
+    run_bundle(find_bundle("brain_tumor_cls"), "train", **common)
+    run_bundle(find_bundle("brain_tumor_cls"), "evaluate", **common)
+    return json.loads((out / "metrics.json").read_text())["metrics"]["accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--accuracy", action="store_true")
+    parser.add_argument("--cv", action="store_true")
+    args = parser.parse_args()
+
+    x, y, source = load_images()
+    print(f"paper CNN, batch {BATCH}, {SIZE}x{SIZE} grey, {len(x)} {source}, torch threads {torch.get_num_threads()}")
+    keras_ips = keras_images_per_s(x, y, args.steps)
+    print(f"{'Keras (TensorFlow ' + ('n/a' if keras_ips is None else 'CPU') + ')':34s} "
+          + ("not installed: pip install -e '.[bench]'" if keras_ips is None else f"{keras_ips:8.1f} img/s  1.00x"))
+    results = {}
+    for precision, channels_last in [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]:
+        ips = torch_images_per_s(x, y, precision, channels_last, args.steps)
+        results[(precision, channels_last)] = ips
+        ratio = f"{ips / keras_ips:5.2f}x Keras" if keras_ips else ""
+        print(f"medpipe {precision:4s} channels_last={channels_last!s:5s}       {ips:8.1f} img/s  {ratio}")
+    best = max(results, key=results.get)
+    print(f"fastest: {best[0]} channels_last={best[1]} ({results[best] / results[('fp32', False)]:.2f}x plain fp32)")
+
+    if args.accuracy:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = fold0_accuracy("fp32", False, Path(tmp) / "fp32")
+            fast = fold0_accuracy(best[0], best[1], Path(tmp) / "fast")
+        inside = base["ci95"][0] <= fast["value"] <= base["ci95"][1]
+        print(f"fold-0 accuracy: fp32 {base['value']:.3f} (95% CI {base['ci95'][0]:.3f}-{base['ci95'][1]:.3f}), "
+              f"{best[0]}/channels_last={best[1]} {fast['value']:.3f}: {'inside' if inside else 'OUTSIDE'} fp32's CI")
+    if args.cv:
+        from medpipe.cv import run_cv
+
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = run_cv("brain_tumor_cls", "paper_cnn", 5, "group", tmp)
+        print(f"5-fold group CV of paper_cnn: wall time {summary['wall_time_s']:.0f} s (target <= 300 s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""K-fold cross-validation of a bundle: train + evaluate every fold, then aggregate metrics.json files.
+
+Numbers come from the per-fold files, never from memory (nnU-Net's habit), so a summary can be rebuilt and checked.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from medpipe.bundle import find_bundle, run_bundle
+from medpipe.errors import MedpipeError
+from medpipe.files import atomic_write_text
+from medpipe.metrics import classification_report
+
+SUMMARY_METRICS = ("accuracy", "roc_auc", "macro_roc_auc", "sensitivity", "specificity", "f1")
+
+
+def _metric_values(fold_metrics: list[dict[str, Any]], name: str) -> list[float]:
+    values = [m["metrics"].get(name, {}).get("value") for m in fold_metrics]
+    return [v for v in values if v is not None]
+
+
+def summarize(fold_metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample sd over folds of each summary metric, plus pooled n."""
+    summary: dict[str, Any] = {"folds": len(fold_metrics), "n": sum(m["n"] for m in fold_metrics)}
+    for name in SUMMARY_METRICS:
+        values = _metric_values(fold_metrics, name)
+        if values:
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[name] = {"mean": round(statistics.fmean(values), 4), "sd": round(sd, 4), "per_fold": values}
+    return summary
+
+
+def pooled_report(fold_dirs: list[Path], seed: int = 0) -> dict[str, Any]:
+    """Metrics with bootstrap CIs over every fold's out-of-fold predictions together (each image scored once)."""
+    rows = []
+    for fold_dir in fold_dirs:
+        with (fold_dir / "predictions.csv").open(newline="") as fh:
+            rows += list(csv.DictReader(fh))
+    class_names = [k.removeprefix("prob_") for k in rows[0] if k.startswith("prob_")]
+    labels = [class_names.index(r["label"]) for r in rows]
+    probs = [[float(r[f"prob_{c}"]) for c in class_names] for r in rows]
+    return classification_report(labels, probs, class_names, seed=seed)
+
+
+def write_summary(out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild `<out_dir>/cv_summary.json` from the fold folders' files, print one line, return it."""
+    fold_dirs = sorted(out_dir.glob("fold*/"), key=lambda d: int(d.name[4:]))
+    fold_dirs = [d for d in fold_dirs if (d / "metrics.json").is_file()]
+    if not fold_dirs:
+        raise MedpipeError(f"no fold*/metrics.json under '{out_dir}'")
+    fold_metrics = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
+    summary = {**info, **summarize(fold_metrics), "pooled_out_of_fold": pooled_report(fold_dirs)}
+    atomic_write_text(out_dir / "cv_summary.json", json.dumps(summary, indent=2))
+    parts = [f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" for k, v in summary.items() if isinstance(v, dict) and "mean" in v]
+    pooled = summary["pooled_out_of_fold"]["metrics"]
+    parts += [f"pooled {k} {pooled[k]['value']:.3f} [{pooled[k]['ci95'][0]:.3f}, {pooled[k]['ci95'][1]:.3f}]"
+              for k in ("accuracy", "roc_auc", "macro_roc_auc") if k in pooled and pooled[k]["ci95"]]  # fmt: skip
+    print(f"{out_dir}: {len(fold_dirs)} folds: " + ", ".join(parts))
+    return summary
+
+
+def run_cv(
+    bundle: str,
+    network: str | None = None,
+    folds: int = 5,
+    split_mode: str = "group",
+    out: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train and evaluate folds 0..K-1, each scored on its own held-out fold, then write cv_summary.json."""
+    bundle_dir = find_bundle(bundle)
+    out_dir = Path(out or f"results/{bundle_dir.name}/{network or 'default'}_{split_mode}")
+    started = time.perf_counter()
+    for fold in range(folds):
+        fold_dir = out_dir / f"fold{fold}"
+        common = {"fold": fold, "num_folds": folds, "split_mode": split_mode, "ckpt_dir": str(fold_dir), **overrides}
+        run_bundle(bundle_dir, "train", network, output_dir=str(fold_dir), **common)
+        run_bundle(bundle_dir, "evaluate", network, output_dir=str(fold_dir), **common)
+    info = {
+        "bundle": bundle_dir.name, "network": network or "default", "split_mode": split_mode, "folds": folds,
+        "overrides": overrides, "wall_time_s": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    return write_summary(out_dir, info)
+
+
+def cv_command(
+    bundle: str, network: str | None = None, folds: int = 5, split_mode: str = "group", out: str | None = None,
+    **overrides: Any,
+) -> None:
+    """medpipe cv BUNDLE [--network NAME] [--folds 5] [--split_mode group|random] [--out DIR] [--key value …]
+
+    Writes `<out>/fold<k>/{model.pt,metrics.json,predictions.csv}` and `<out>/cv_summary.json` (mean ± sd over
+    folds, and pooled out-of-fold metrics with bootstrap CIs).
+    """
+    run_cv(bundle, network, folds, split_mode, out, **overrides)
+
+
+def cv_report_command(out: str) -> None:
+    """medpipe cv_report OUT_DIR — rebuild cv_summary.json from the fold folders' files and print it."""
+    out_dir = Path(out)
+    previous = out_dir / "cv_summary.json"
+    info = {}
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        info = {k: old[k] for k in ("bundle", "network", "split_mode", "overrides", "wall_time_s") if k in old}
+    write_summary(out_dir, info)

@@ -1,0 +1,399 @@
+"""Share trained bundles: `package` one into a versioned zip, `index` a folder of zips, `install` from a folder or URL.
+
+A package `<name>_v<version>.zip` holds `<name>/` with configs, docs, LICENSE, models/model.pt (plain state dict),
+models/model.ts (TorchScript) and large_files.yml (sha256 of each weight file). `model_info.json` beside the zips
+maps `<name>_v<version>` to the zip, its sha256 and the MONAI/PyTorch versions it was made with (the MONAI model
+zoo's index, with sha256). `install` trusts nothing it downloads: it checks the zip's sha256 against the index,
+refuses absolute paths, `..` and links in the archive, checks each weight's sha256 and the versions, and loads the
+weights with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medpipe.errors import MedpipeError
+from medpipe.files import atomic_write, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model_info.json"
+WEIGHTS = ("models/model.pt", "models/model.ts")
+MAX_ARCHIVE_BYTES = 4 << 30  # refuse zip bombs and runaway downloads
+MAX_MEMBERS = 10_000
+ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed member timestamps: the same inputs give the same zip and sha256
+
+
+def default_install_dir() -> Path:
+    """`$MEDPIPE_ZOO_DIR`, else ~/.cache/medpipe/bundles (like MONAI's torch-hub bundle folder)."""
+    return Path(os.environ.get("MEDPIPE_ZOO_DIR") or Path.home() / ".cache" / "medpipe" / "bundles")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.as_tensor() if hasattr(t, "as_tensor") else t  # MONAI MetaTensor -> torch.Tensor
+
+
+def export_torchscript(network: torch.nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """Script the network (trace it where scripting fails), check it reproduces the network on `example`, save it."""
+    net = copy.deepcopy(network).cpu().eval()
+    example = _plain(example).detach().cpu().float()
+    with torch.no_grad():
+        expected = net(example)
+        try:
+            exported = torch.jit.script(net)
+        except Exception as exc:  # Python TorchScript cannot compile: tracing records this input's path
+            logger.info(f"torch.jit.script failed ({type(exc).__name__}); tracing instead")
+            with warnings.catch_warnings():  # input-size checks become constants: right for this input size
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                exported = torch.jit.trace(net, example)
+        got = exported(example)
+    if not torch.allclose(_plain(got).float(), _plain(expected).float(), rtol=1e-4, atol=1e-5):
+        raise MedpipeError("the TorchScript export does not reproduce the network's output")
+    return atomic_write(path, lambda tmp: torch.jit.save(exported, str(tmp)))
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.+-]", version))
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = re.findall(r"\d+", version)[:2]
+    return (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0) if parts else (0, 0)
+
+
+# ---------------------------------------------------------------- package / index
+
+
+def _network(bundle_dir: Path, network: str | None, overrides: dict[str, Any]) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The bundle's bare network and a one-case example input (channels and spatial size from the config/metadata)."""
+    from monai.bundle import ConfigParser
+
+    from medpipe.bundle import check_override_keys, config_files
+
+    files = config_files(bundle_dir, "train", network)
+    check_override_keys(files, list(overrides))
+    parser = ConfigParser(ConfigParser.load_config_files(files))
+    parser.update({"bundle_root": str(bundle_dir.resolve()), **overrides})
+    net = parser.get_parsed_content("network_def")
+    image = json.loads((bundle_dir / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
+    shape = [int(s) for s in image["spatial_shape"]]
+    if "image_size" in parser:
+        shape = [int(parser.get_parsed_content("image_size"))] * len(shape)
+    return net, torch.rand(1, int(image["num_channels"]), *shape)
+
+
+def _entry(name: str, meta: dict[str, Any], zip_path: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "version": meta["version"],
+        "source": zip_path.name,
+        "checksum": sha256_file(zip_path),
+        "checksum_type": "sha256",
+        "size": zip_path.stat().st_size,
+        "monai_version": meta.get("monai_version"),
+        "pytorch_version": meta.get("pytorch_version"),
+        **(extra or {}),
+    }
+
+
+def package(
+    bundle: str, out_dir: str = "dist", ckpt: str | None = None, network: str | None = None, **overrides: Any
+) -> Path:
+    """Zip a trained bundle as `<out_dir>/<name>_v<version>.zip` and add its entry to `<out_dir>/model_info.json`.
+
+    `ckpt` defaults to the bundle's models/model.pt; `network` and `overrides` (e.g. image_size) must be the ones
+    it was trained with: the weights are loaded strictly into that network and exported to TorchScript.
+    """
+    import yaml
+
+    from medpipe.bundle import find_bundle
+
+    bundle_dir = find_bundle(bundle)
+    name, meta = bundle_dir.resolve().name, json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    weights = Path(ckpt) if ckpt else bundle_dir / "models" / "model.pt"
+    if not weights.is_file():
+        raise MedpipeError(f"no weights '{weights}': train the bundle first or pass --ckpt")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    net, example = _network(bundle_dir, network, overrides)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        hint = "pass the --network and overrides it was trained with"
+        raise MedpipeError(f"'{weights}' does not fit the network ({hint}): {first}") from None
+
+    zip_path = Path(out_dir) / f"{name}_v{meta['version']}.zip"
+    with tempfile.TemporaryDirectory(prefix="medpipe-zoo-") as tmp:
+        export_torchscript(net, example, Path(tmp) / "model.ts")
+        shutil.copyfile(weights, Path(tmp) / "model.pt")
+        members: dict[str, Path] = {}
+        for sub in ("configs", "docs"):
+            for f in sorted((bundle_dir / sub).rglob("*")):
+                if f.is_file() and "__pycache__" not in f.parts:
+                    members[f"{sub}/{f.relative_to(bundle_dir / sub).as_posix()}"] = f
+        if (bundle_dir / "LICENSE").is_file():
+            members["LICENSE"] = bundle_dir / "LICENSE"
+        members["models/model.pt"], members["models/model.ts"] = Path(tmp) / "model.pt", Path(tmp) / "model.ts"
+        large = [{"path": p, "url": None, "hash_val": sha256_file(members[p]), "hash_type": "sha256"} for p in WEIGHTS]
+        record = {"large_files": large, "packaged": {"network": network, "overrides": overrides}}
+        (Path(tmp) / "large_files.yml").write_text(yaml.safe_dump(record, sort_keys=False))
+        members["large_files.yml"] = Path(tmp) / "large_files.yml"
+
+        def write(target: Path) -> None:
+            with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+                for arcname, src in sorted(members.items()):
+                    info = zipfile.ZipInfo(f"{name}/{arcname}", ZIP_DATE)
+                    info.external_attr = (stat.S_IFREG | 0o644) << 16
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    zf.writestr(info, src.read_bytes())
+
+        atomic_write(zip_path, write)
+    entries = _read_index_file(Path(out_dir) / INDEX_FILE) if (Path(out_dir) / INDEX_FILE).is_file() else {}
+    key = f"{name}_v{meta['version']}"
+    entries[key] = _entry(name, meta, zip_path, {"network": network})
+    atomic_write_text(Path(out_dir) / INDEX_FILE, json.dumps(entries, indent=2, sort_keys=True))
+    print(f"packaged {zip_path} (sha256 {entries[key]['checksum']})")
+    return zip_path
+
+
+def _read_index_file(path: Path) -> dict[str, Any]:
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MedpipeError(f"cannot read zoo index '{path}': {exc}") from None
+    if not isinstance(entries, dict):
+        raise MedpipeError(f"zoo index '{path}' is not a JSON object")
+    return entries
+
+
+def _zip_metadata(zip_path: Path) -> tuple[str, dict[str, Any]]:
+    """(bundle name, metadata.json) of a package, refusing anything that is not one."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            tops = {n.split("/", 1)[0] for n in zf.namelist()}
+            if len(tops) != 1:
+                raise MedpipeError(f"'{zip_path}' is not a bundle package: one top folder expected, got {sorted(tops)}")
+            name = tops.pop()
+            return name, json.loads(zf.read(f"{name}/configs/metadata.json"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as exc:
+        raise MedpipeError(f"'{zip_path}' is not a valid bundle package: {exc}") from None
+
+
+def index(folder: str) -> Path:
+    """Write `<folder>/model_info.json` listing every `*.zip` bundle package in the folder."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise MedpipeError(f"zoo folder '{root}' does not exist")
+    entries = {}
+    for zip_path in sorted(root.glob("*.zip")):
+        name, meta = _zip_metadata(zip_path)
+        entries[f"{name}_v{meta['version']}"] = _entry(name, meta, zip_path)
+    path = atomic_write_text(root / INDEX_FILE, json.dumps(entries, indent=2, sort_keys=True))
+    print(f"indexed {len(entries)} package(s) in {path}")
+    return path
+
+
+# ---------------------------------------------------------------- install
+
+
+def _is_url(location: str) -> bool:
+    return urllib.parse.urlparse(location).scheme in ("http", "https")
+
+
+def _download(url: str, target: Path, timeout_s: float, what: str) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(target, "wb") as out:  # noqa: S310
+            total = 0
+            for block in iter(lambda: response.read(1 << 20), b""):
+                total += len(block)
+                if total > MAX_ARCHIVE_BYTES:
+                    raise MedpipeError(f"{what} {url} is larger than {MAX_ARCHIVE_BYTES >> 20} MiB; refusing")
+                out.write(block)
+    except urllib.error.HTTPError as exc:
+        raise MedpipeError(f"{what} {url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise MedpipeError(f"{what} {url} is unreachable ({getattr(exc, 'reason', exc)})") from None
+
+
+def fetch_index(location: str, timeout_s: float = 30.0) -> tuple[dict[str, Any], str]:
+    """(entries, base) of a zoo index given as a folder, a model_info.json file or an http(s) URL of either."""
+    if _is_url(location):
+        url = location if location.endswith(".json") else location.rstrip("/") + "/" + INDEX_FILE
+        with tempfile.TemporaryDirectory(prefix="medpipe-zoo-") as tmp:
+            _download(url, Path(tmp) / INDEX_FILE, timeout_s, "zoo index")
+            return _read_index_file(Path(tmp) / INDEX_FILE), url
+    path = Path(location)
+    path = path / INDEX_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise MedpipeError(f"zoo index '{location}' not found (give a folder with {INDEX_FILE}, the file, or a URL)")
+    return _read_index_file(path), str(path.resolve())
+
+
+def select_entry(entries: dict[str, Any], spec: str) -> dict[str, Any]:
+    """The entry for `NAME` (newest version) or `NAME==VERSION`."""
+    match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:==([A-Za-z0-9_.+-]+))?", spec.strip())
+    if not match:
+        raise MedpipeError(f"bundle spec '{spec}' must look like NAME or NAME==VERSION")
+    name, version = match.groups()
+    candidates = [e for e in entries.values() if isinstance(e, dict) and e.get("name") == name]
+    if not candidates:
+        names = sorted({e.get("name") for e in entries.values() if isinstance(e, dict)})
+        raise MedpipeError(f"no bundle '{name}' in the zoo index; available: {names}")
+    if version is None:
+        return max(candidates, key=lambda e: _version_key(str(e["version"])))
+    chosen = [e for e in candidates if str(e.get("version")) == version]
+    if not chosen:
+        versions = sorted((str(e["version"]) for e in candidates), key=_version_key)
+        raise MedpipeError(f"bundle '{name}' has no version {version} in the zoo index; versions: {versions}")
+    return chosen[0]
+
+
+def _fetch_package(entry: dict[str, Any], base: str, target: Path, timeout_s: float) -> None:
+    source = str(entry.get("source", ""))
+    if _is_url(base) or _is_url(source):
+        _download(urllib.parse.urljoin(base, source), target, timeout_s, "package")
+        return
+    if not source or Path(source).is_absolute() or ".." in Path(source).parts:
+        raise MedpipeError(f"zoo index entry source '{source}' must be a file name beside the index")
+    src = Path(base).parent / source
+    if not src.is_file():
+        raise MedpipeError(f"package '{src}' listed in the zoo index does not exist")
+    shutil.copyfile(src, target)
+
+
+def safe_extract(zip_path: Path, name: str, dest: Path) -> None:
+    """Extract a package, refusing absolute paths, `..`, links, special files, other top folders and zip bombs."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_MEMBERS or sum(i.file_size for i in infos) > MAX_ARCHIVE_BYTES:
+                raise MedpipeError(f"package '{zip_path.name}' is too large to install")
+            for info in infos:
+                member = info.filename
+                parts = Path(member).parts
+                if member.startswith(("/", "\\")) or ".." in parts or "\\" in member or ":" in member:
+                    raise MedpipeError(f"package '{zip_path.name}' has an unsafe path '{member}'; refusing it")
+                if not parts or parts[0] != name:
+                    raise MedpipeError(f"package '{zip_path.name}' has '{member}' outside its folder '{name}/'")
+                kind = stat.S_IFMT(info.external_attr >> 16)
+                if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                    raise MedpipeError(f"package '{zip_path.name}' has a link or special file '{member}'; refusing it")
+            bad = zf.testzip()
+            if bad is not None:
+                raise MedpipeError(f"package '{zip_path.name}' is corrupt (CRC error in '{bad}')")
+            zf.extractall(dest)
+    except zipfile.BadZipFile as exc:
+        raise MedpipeError(f"package '{zip_path.name}' is not a valid zip ({exc})") from None
+
+
+def check_versions(meta: dict[str, Any]) -> None:
+    """The bundle's MONAI and PyTorch major.minor must not be newer than, or of another major than, the installed."""
+    import monai
+
+    for package_name, installed in (("monai", monai.__version__), ("pytorch", torch.__version__)):
+        required = meta.get(f"{package_name}_version")
+        if not required:
+            continue
+        have, need = _major_minor(installed), _major_minor(str(required))
+        if have[0] != need[0] or have < need:
+            raise MedpipeError(
+                f"bundle needs {package_name} {required}, installed is {installed}; "
+                f"install a matching {package_name} or pass --ignore_versions"
+            )
+
+
+def verify_bundle(bundle_dir: Path) -> None:
+    """Each weight file matches large_files.yml's sha256, and model.pt loads as plain tensors (weights_only)."""
+    import yaml
+
+    listing = bundle_dir / "large_files.yml"
+    record = yaml.safe_load(listing.read_text()) if listing.is_file() else None
+    if not isinstance(record, dict) or not isinstance(record.get("large_files"), list):
+        raise MedpipeError(f"package has no valid large_files.yml in '{bundle_dir.name}/'")
+    for item in record["large_files"]:
+        path = bundle_dir / str(item.get("path", ""))
+        if not path.resolve().is_relative_to(bundle_dir.resolve()) or not path.is_file():
+            raise MedpipeError(f"large_files.yml lists '{item.get('path')}', which the package lacks")
+        if item.get("hash_type") != "sha256" or sha256_file(path) != item.get("hash_val"):
+            raise MedpipeError(f"'{item.get('path')}' does not match its sha256 in large_files.yml; refusing it")
+    try:
+        torch.load(bundle_dir / "models" / "model.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MedpipeError(f"models/model.pt does not load as plain weights (weights_only=True): {exc}") from None
+
+
+def install(
+    spec: str, index: str, dest: str | None = None, overwrite: bool = False, ignore_versions: bool = False,
+    timeout_s: float = 30.0,
+) -> Path:  # fmt: skip
+    """medpipe zoo install NAME[==VERSION] --index FOLDER_OR_URL [--dest DIR] [--overwrite]
+
+    Download (file or http), verify and unpack a bundle into `<dest>/<name>` (default $MEDPIPE_ZOO_DIR or
+    ~/.cache/medpipe/bundles). Nothing is written there unless every check passes.
+    """
+    entries, base = fetch_index(index, timeout_s)
+    entry = select_entry(entries, spec)
+    name = str(entry["name"])
+    target = Path(dest) if dest else default_install_dir()
+    final = target / name
+    if final.exists() and not overwrite:
+        raise MedpipeError(f"'{final}' already exists; pass --overwrite to replace it")
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target) as tmp:
+        zip_path = Path(tmp) / f"{name}.zip"
+        _fetch_package(entry, base, zip_path, timeout_s)
+        if entry.get("checksum_type", "sha256") != "sha256" or sha256_file(zip_path) != entry.get("checksum"):
+            raise MedpipeError(f"package {entry.get('source')} does not match the sha256 in the zoo index; refusing it")
+        safe_extract(zip_path, name, Path(tmp) / "unpacked")
+        unpacked = Path(tmp) / "unpacked" / name
+        meta = json.loads((unpacked / "configs" / "metadata.json").read_text())
+        if str(meta.get("version")) != str(entry["version"]):
+            raise MedpipeError(f"package says version {meta.get('version')}, the index {entry['version']}; refusing it")
+        if not ignore_versions:
+            check_versions(meta)
+        verify_bundle(unpacked)
+        if final.exists():
+            old = Path(tmp) / "replaced"
+            os.replace(final, old)
+        os.replace(unpacked, final)
+    print(f"installed {name} {entry['version']} to {final}")
+    return final
+
+
+def zoo_command(action: str, *args: Any, **kwargs: Any) -> None:
+    """medpipe zoo package BUNDLE [--out_dir dist] [--ckpt PATH] [--network NAME] [--key value …]
+    medpipe zoo index FOLDER
+    medpipe zoo install NAME[==VERSION] --index FOLDER_OR_URL [--dest DIR] [--overwrite] [--ignore_versions]
+    """
+    actions = {"package": package, "index": index, "install": install}
+    if action not in actions:
+        raise MedpipeError(f"medpipe zoo: unknown action '{action}'; use one of {sorted(actions)}")
+    started = time.time()
+    actions[action](*args, **kwargs)
+    logger.info(f"zoo {action} took {time.time() - started:.1f}s")
