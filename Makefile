@@ -29,9 +29,10 @@ test: setup
 lint: setup
 	$(BIN)/ruff check medpipe tests benchmarks
 
+# Keras runs in its own venv: TensorFlow beside torch slows every import and gains nothing
 bench: setup
-	$(BIN)/pip install -q -e ".[bench]"
-	$(BIN)/python benchmarks/bench_train_speed.py
+	test -x .venv-bench/bin/python || ($(PYTHON) -m venv .venv-bench && .venv-bench/bin/pip install -q tensorflow-cpu)
+	$(BIN)/python benchmarks/bench_train_speed.py --keras-python .venv-bench/bin/python
 
 clean:
-	rm -rf $(VENV) bundles/*/models bundles/*/eval bundles/*/inference
+	rm -rf $(VENV) .venv-bench bundles/*/models bundles/*/eval bundles/*/inference

@@ -5,7 +5,8 @@ precision / memory-format options, all measured in this one run on the same imag
 
 Prints images/s and the ratio against the Keras baseline. --accuracy trains fold 0 of the bundle in fp32 and in
 the fastest option and checks that accuracy stays inside fp32's bootstrap CI. --cv times the whole 5-fold CV.
-Keras needs the optional extra: pip install -e ".[bench]" (tensorflow-cpu).
+Keras needs the optional extra (pip install -e ".[bench]", tensorflow-cpu) in this interpreter or in the one
+given by --keras-python.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,28 +69,17 @@ def torch_images_per_s(x: np.ndarray, y: np.ndarray, precision: str, channels_la
     return steps * BATCH / (time.perf_counter() - start)
 
 
-def keras_images_per_s(x: np.ndarray, y: np.ndarray, steps: int) -> float | None:
-    """The same architecture in Keras (valid padding, ReLU, sigmoid output, Adam, binary cross-entropy)."""
-    try:
-        import keras
-    except ImportError:
+def keras_images_per_s(x: np.ndarray, y: np.ndarray, steps: int, python: str) -> float | None:
+    """The same architecture in Keras (benchmarks/keras_paper_cnn.py), in `python` (an interpreter with TensorFlow)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "images.npz", x=x, y=y, batch=BATCH)
+        script = Path(__file__).with_name("keras_paper_cnn.py")
+        args = [python, str(script), str(Path(tmp) / "images.npz"), str(steps), str(torch.get_num_threads())]
+        result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"Keras run failed ({python}): {result.stderr.strip().splitlines()[-1:]}")
         return None
-    keras.utils.set_random_seed(0)
-    layers = keras.layers
-    model = keras.Sequential([
-        keras.Input((SIZE, SIZE, 1)),
-        layers.Conv2D(32, 4, activation="relu"), layers.Conv2D(16, 4, activation="relu"), layers.MaxPooling2D(2),
-        layers.Conv2D(32, 4, activation="relu"), layers.Conv2D(16, 3, activation="relu"), layers.MaxPooling2D(2),
-        layers.Flatten(), layers.Dense(1, activation="sigmoid"),
-    ])  # fmt: skip
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
-    xk = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # Keras is channels-last (NHWC)
-    n = (len(xk) // BATCH) * BATCH
-    model.fit(xk[:n], y[:n], batch_size=BATCH, epochs=1, verbose=0)  # warm-up: graph tracing
-    epochs = max(1, steps * BATCH // n)
-    start = time.perf_counter()
-    model.fit(xk[:n], y[:n], batch_size=BATCH, epochs=epochs, verbose=0)
-    return epochs * n / (time.perf_counter() - start)
+    return float(result.stdout.strip().splitlines()[-1])
 
 
 def fold0_accuracy(precision: str, channels_last: bool, out: Path) -> dict:
@@ -105,11 +97,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument("--cv", action="store_true")
+    parser.add_argument("--keras-python", default=sys.executable, help="an interpreter with tensorflow-cpu installed")
     args = parser.parse_args()
 
     x, y, source = load_images()
     print(f"paper CNN, batch {BATCH}, {SIZE}x{SIZE} grey, {len(x)} {source}, torch threads {torch.get_num_threads()}")
-    keras_ips = keras_images_per_s(x, y, args.steps)
+    keras_ips = keras_images_per_s(x, y, args.steps, args.keras_python)
     print(f"{'Keras (TensorFlow ' + ('n/a' if keras_ips is None else 'CPU') + ')':34s} "
           + ("not installed: pip install -e '.[bench]'" if keras_ips is None else f"{keras_ips:8.1f} img/s  1.00x"))
     results = {}

@@ -21,13 +21,13 @@ SUMMARY_METRICS = ("accuracy", "roc_auc", "macro_roc_auc", "sensitivity", "speci
 
 
 def _metric_values(fold_metrics: list[dict[str, Any]], name: str) -> list[float]:
-    values = [m["metrics"].get(name, {}).get("value") for m in fold_metrics]
+    values = [m.get("metrics", {}).get(name, {}).get("value") for m in fold_metrics]
     return [v for v in values if v is not None]
 
 
 def summarize(fold_metrics: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and sample sd over folds of each summary metric, plus pooled n."""
-    summary: dict[str, Any] = {"folds": len(fold_metrics), "n": sum(m["n"] for m in fold_metrics)}
+    summary: dict[str, Any] = {"folds": len(fold_metrics), "n": sum(m.get("n", 0) for m in fold_metrics)}
     for name in SUMMARY_METRICS:
         values = _metric_values(fold_metrics, name)
         if values:
@@ -36,13 +36,20 @@ def summarize(fold_metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def read_predictions(files: list[Path] | list[str]) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows of several predictions.csv files (ClassificationReport's format) and their class names."""
+    rows: list[dict[str, str]] = []
+    for path in files:
+        with Path(path).open(newline="") as fh:
+            rows += list(csv.DictReader(fh))
+    if not rows:
+        raise MedpipeError(f"no predictions in {[str(f) for f in files]}")
+    return rows, [k.removeprefix("prob_") for k in rows[0] if k.startswith("prob_")]
+
+
 def pooled_report(fold_dirs: list[Path], seed: int = 0) -> dict[str, Any]:
     """Metrics with bootstrap CIs over every fold's out-of-fold predictions together (each image scored once)."""
-    rows = []
-    for fold_dir in fold_dirs:
-        with (fold_dir / "predictions.csv").open(newline="") as fh:
-            rows += list(csv.DictReader(fh))
-    class_names = [k.removeprefix("prob_") for k in rows[0] if k.startswith("prob_")]
+    rows, class_names = read_predictions([d / "predictions.csv" for d in fold_dirs])
     labels = [class_names.index(r["label"]) for r in rows]
     probs = [[float(r[f"prob_{c}"]) for c in class_names] for r in rows]
     return classification_report(labels, probs, class_names, seed=seed)
@@ -55,12 +62,21 @@ def write_summary(out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     if not fold_dirs:
         raise MedpipeError(f"no fold*/metrics.json under '{out_dir}'")
     fold_metrics = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
-    summary = {**info, **summarize(fold_metrics), "pooled_out_of_fold": pooled_report(fold_dirs)}
+    if (fold_dirs[0] / "per_volume.csv").is_file():  # segmentation bundles pool per-volume rows instead
+        from medpipe.seg import summarize_cv
+
+        pooled = summarize_cv(fold_dirs)
+    else:
+        pooled = pooled_report(fold_dirs)
+    summary = {**info, **summarize(fold_metrics), "pooled_out_of_fold": pooled}
     atomic_write_text(out_dir / "cv_summary.json", json.dumps(summary, indent=2))
     parts = [f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" for k, v in summary.items() if isinstance(v, dict) and "mean" in v]
-    pooled = summary["pooled_out_of_fold"]["metrics"]
+    pooled = summary["pooled_out_of_fold"].get("metrics", {})
     parts += [f"pooled {k} {pooled[k]['value']:.3f} [{pooled[k]['ci95'][0]:.3f}, {pooled[k]['ci95'][1]:.3f}]"
               for k in ("accuracy", "roc_auc", "macro_roc_auc") if k in pooled and pooled[k]["ci95"]]  # fmt: skip
+    for level in ("per_volume", "per_slice"):
+        pooled_level = summary["pooled_out_of_fold"].get(level, {})
+        parts += [f"{level} {k} {v['value']:.3f} {v['ci95']}" for k, v in pooled_level.items()]
     print(f"{out_dir}: {len(fold_dirs)} folds: " + ", ".join(parts))
     return summary
 

@@ -150,13 +150,9 @@ def pooled_report(prediction_files: Iterable[str | Path], n_boot: int = 1000, se
     Pooling the held-out folds gives every image one out-of-fold prediction, so small subsets (ieee8023
     pneumonia: ~60 images) get a usable CI that a single fold (~12 images) cannot.
     """
-    rows: list[dict[str, str]] = []
-    for path in prediction_files:
-        with Path(path).open(newline="") as fh:
-            rows += list(csv.DictReader(fh))
-    if not rows:
-        raise MedpipeError("no predictions to pool")
-    class_names = [k[5:] for k in rows[0] if k.startswith("prob_")]
+    from medpipe.cv import read_predictions
+
+    rows, class_names = read_predictions(list(prediction_files))
     labels = [class_names.index(r["label"]) for r in rows]
     probs = np.array([[float(r[f"prob_{c}"]) for c in class_names] for r in rows])
     report = source_aware_report(

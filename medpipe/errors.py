@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from types import TracebackType
 
@@ -29,6 +30,11 @@ def _one_line_hook(
         _default(exc_type, exc, tb)
         return
     print(f"medpipe error: {err}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exit now: worker threads torn down during a normal shutdown can abort with a second, misleading message
+    # ("terminate called without an active exception"); every output is written atomically, so nothing is lost
+    os._exit(1)
 
 
 def install_excepthook() -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from medpipe.errors import MedpipeError
+from medpipe.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -133,14 +134,6 @@ def data_fingerprint(datalists: dict[str, list[dict[str, Any]]], dataset_dir: st
                     continue
                 row.append([key, value])
             digest.update(json.dumps([split, row], sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -431,7 +424,7 @@ class MLflowTracker:
             tags["data_fingerprint"] = data_fingerprint(self.datalists, self.dataset_dir)
         manifest = Path(self.dataset_dir or "") / "MANIFEST.csv"
         if self.dataset_dir and manifest.is_file():
-            tags["data_manifest_sha256"] = file_sha256(manifest)
+            tags["data_manifest_sha256"] = sha256_file(manifest)
         return tags
 
     def _log_params(self, params: dict[str, Any]) -> None:

@@ -11,7 +11,6 @@ weights with `weights_only=True`.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from medpipe.errors import MedpipeError
-from medpipe.files import atomic_write, atomic_write_text
+from medpipe.files import atomic_write, atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +44,6 @@ ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed member timestamps: the same inputs giv
 def default_install_dir() -> Path:
     """`$MEDPIPE_ZOO_DIR`, else ~/.cache/medpipe/bundles (like MONAI's torch-hub bundle folder)."""
     return Path(os.environ.get("MEDPIPE_ZOO_DIR") or Path.home() / ".cache" / "medpipe" / "bundles")
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

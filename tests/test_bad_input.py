@@ -121,7 +121,8 @@ def test_cli_truncated_image_is_one_line_and_nonzero(toy_set: Path, tmp_path: Pa
                   "--epochs", "1")  # fmt: skip
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    assert "synthetic_no_001.png" in result.stderr.strip().splitlines()[-1]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("medpipe error:")]
+    assert len(errors) == 1 and "synthetic_no_001.png" in errors[0]
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
 
 

@@ -34,6 +34,19 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def run_job(cmd: list[str], timeout_s: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run a job in its own process group; past `timeout_s`, kill the whole group (torchrun's workers too) and fail."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=_env(),
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"job did not finish in {timeout_s:.0f}s (a hang?): {(out + err)[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _ddp_cmd(bundle: Path, extra_configs: list[Path], overrides: dict) -> list[str]:
     configs = [str(bundle / "configs" / "train.json"), str(bundle / "configs" / "multi_gpu_train.json")]
     configs += [str(p) for p in extra_configs]
@@ -56,8 +69,7 @@ def test_torchrun_two_ranks(bundle: Path, tmp_path: Path) -> None:
         {"_target_": "medpipe.distributed.ShardRecorder", "out_dir": str(tmp_path / "shards")}]}))  # fmt: skip
     uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
     overrides = {**_smoke(bundle, tmp_path), "mlflow": True, "tracking_uri": uri, "experiment_name": "ddp"}
-    proc = subprocess.run(_ddp_cmd(bundle, [overlay], overrides), capture_output=True, text=True, cwd=REPO,
-                          env=_env(), timeout=JOB_TIMEOUT_S)  # fmt: skip
+    proc = run_job(_ddp_cmd(bundle, [overlay], overrides))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["last.pt", "model.pt"]
@@ -81,8 +93,7 @@ def test_a_crashing_rank_ends_the_job(tmp_path: Path) -> None:
     overlay = tmp_path / "crash.json"
     overlay.write_text(json.dumps({"+initialize": [crash]}))
     started = time.monotonic()
-    proc = subprocess.run(_ddp_cmd(bundle, [overlay], _smoke(bundle, tmp_path)), capture_output=True, text=True,
-                          cwd=REPO, env=_env(), timeout=JOB_TIMEOUT_S)  # fmt: skip
+    proc = run_job(_ddp_cmd(bundle, [overlay], _smoke(bundle, tmp_path)))
     assert proc.returncode != 0
     assert "medpipe error: injected failure on rank 1" in proc.stderr + proc.stdout
     assert time.monotonic() - started < JOB_TIMEOUT_S
@@ -103,7 +114,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
            str(bundle / "configs" / "train.json"), *_args(overrides)]  # fmt: skip
     last = tmp_path / "models" / "last.pt"
     log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=_env())
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=_env(), start_new_session=True)
     try:
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while time.monotonic() < deadline and proc.poll() is None:
@@ -115,7 +126,8 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
         log.close()
     killed_at = _epochs_done(last)  # readable: written to a temporary file, then renamed
     assert 2 <= killed_at < epochs
@@ -123,8 +135,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     assert all(p.startswith(".") and p.endswith(".tmp") for p in strays), strays
     assert not (tmp_path / "models" / "model.pt").exists()
 
-    proc2 = subprocess.run([*cmd, "--resume", "true"], capture_output=True, text=True, cwd=REPO, env=_env(),
-                           timeout=JOB_TIMEOUT_S)  # fmt: skip
+    proc2 = run_job([*cmd, "--resume", "true"])
     out = proc2.stdout + proc2.stderr
     assert proc2.returncode == 0, out[-3000:]
     assert f"after epoch {killed_at} of {epochs}" in out

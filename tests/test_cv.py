@@ -1,0 +1,44 @@
+"""Cross-validation summaries are rebuilt from the fold files: mean ± sd over folds and pooled out-of-fold CIs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medpipe.cv import cv_report_command, write_summary
+from medpipe.errors import MedpipeError
+from medpipe.metrics import classification_report
+
+
+def _fold(folder: Path, labels: list[int], probs: list[float]) -> None:
+    folder.mkdir(parents=True)
+    report = classification_report(labels, probs, ["no", "yes"], n_boot=20)
+    (folder / "metrics.json").write_text(json.dumps(report))
+    with (folder / "predictions.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "prob_no", "prob_yes", "predicted", "label"])
+        for i, (y, p) in enumerate(zip(labels, probs, strict=True)):
+            writer.writerow([f"img{i}.png", 1 - p, p, "yes" if p >= 0.5 else "no", ["no", "yes"][y]])
+
+
+def test_summary_mean_sd_and_pooled(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _fold(tmp_path / "fold0", [0, 0, 1, 1], [0.1, 0.6, 0.7, 0.9])  # accuracy 0.75
+    _fold(tmp_path / "fold1", [0, 1, 1, 0], [0.2, 0.8, 0.9, 0.3])  # accuracy 1.0
+    summary = write_summary(tmp_path, {"network": "toy"})
+    assert summary["accuracy"]["mean"] == pytest.approx(0.875)
+    assert summary["accuracy"]["sd"] == pytest.approx(np.std([0.75, 1.0], ddof=1), abs=1e-4)
+    pooled = summary["pooled_out_of_fold"]
+    assert pooled["n"] == 8 and pooled["metrics"]["accuracy"]["value"] == pytest.approx(7 / 8)
+    assert json.loads((tmp_path / "cv_summary.json").read_text())["network"] == "toy"
+    cv_report_command(str(tmp_path))  # rebuilds from the files, keeping the run info
+    assert json.loads((tmp_path / "cv_summary.json").read_text())["network"] == "toy"
+    assert "2 folds" in capsys.readouterr().out
+
+
+def test_summary_without_folds_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(MedpipeError, match="no fold"):
+        write_summary(tmp_path, {})
