@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from ignite.engine import Engine
 
 from medpipe.errors import MedpipeError
 from medpipe.files import atomic_write_text
-from medpipe.handlers import ClassificationReport, _as_list, _probabilities
+from medpipe.handlers import ClassificationReport, _as_list
 from medpipe.metrics import classification_report
 
 logger = logging.getLogger(__name__)
@@ -110,11 +109,8 @@ class SourceAwareReport(ClassificationReport):
         self.meta = []
 
     def _collect(self, engine: Engine) -> None:
-        for out, item in zip(_as_list(engine.state.output), _as_list(engine.state.batch), strict=True):
-            label = None
-            if self.with_labels:
-                label = int(round(float(torch.as_tensor(out[self.label_key]).reshape(-1)[0])))
-            self.rows.append((str(item[self.path_key]), _probabilities(out[self.pred_key]), label))
+        super()._collect(engine)
+        for item in _as_list(engine.state.batch):
             self.meta.append((str(item.get(self.source_key, "unknown")), str(item.get(self.finding_key, ""))))
 
     def _predictions_csv(self) -> str:
