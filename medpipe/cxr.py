@@ -7,8 +7,6 @@ source-controlled test: COVID-19 vs pneumonia among images of one source only (i
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -113,15 +111,11 @@ class SourceAwareReport(ClassificationReport):
         for item in _as_list(engine.state.batch):
             self.meta.append((str(item.get(self.source_key, "unknown")), str(item.get(self.finding_key, ""))))
 
-    def _predictions_csv(self) -> str:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        header = ["path"] + [f"prob_{c}" for c in self.class_names] + ["predicted", "source", "finding"]
-        writer.writerow(header + (["label"] if self.with_labels else []))
-        for (path, probs, label), (source, finding) in zip(self.rows, self.meta, strict=True):
-            row = [path] + [f"{p:.6f}" for p in probs] + [self.class_names[int(np.argmax(probs))], source, finding]
-            writer.writerow(row + ([self.class_names[label]] if label is not None else []))
-        return buf.getvalue()
+    def _extra_header(self) -> list[str]:
+        return ["source", "finding"]
+
+    def _extra_cells(self, row: int) -> list[str]:
+        return list(self.meta[row])
 
     def _write(self, engine: Engine) -> None:
         atomic_write_text(self.output_dir / "predictions.csv", self._predictions_csv())

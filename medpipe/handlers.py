@@ -75,12 +75,20 @@ class ClassificationReport:
     def _predictions_csv(self) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf)
-        header = ["path"] + [f"prob_{c}" for c in self.class_names] + ["predicted"]
+        header = ["path"] + [f"prob_{c}" for c in self.class_names] + ["predicted"] + self._extra_header()
         writer.writerow(header + (["label"] if self.with_labels else []))
-        for path, probs, label in self.rows:
+        for i, (path, probs, label) in enumerate(self.rows):
             row = [path] + [f"{p:.6f}" for p in probs] + [self.class_names[int(np.argmax(probs))]]
+            row += self._extra_cells(i)
             writer.writerow(row + ([self.class_names[label]] if label is not None else []))
         return buf.getvalue()
+
+    def _extra_header(self) -> list[str]:
+        """Columns a subclass adds after `predicted` (none here)."""
+        return []
+
+    def _extra_cells(self, row: int) -> list[str]:
+        return []
 
     def _write(self, engine: Engine) -> None:
         atomic_write_text(self.output_dir / "predictions.csv", self._predictions_csv())
