@@ -34,6 +34,12 @@ def build(network: str, channels_last: bool, device: torch.device) -> torch.nn.M
     return prepare_network(parser.get_parsed_content("network_def", instantiate=True), device, channels_last)
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer measures it (CUDA calls return before the work is done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_rate(net: torch.nn.Module, inferer: AutocastInferer, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
     """Training images/s: forward under the inferer, cross-entropy, backward, Adam step."""
     net.train()
@@ -45,9 +51,11 @@ def train_rate(net: torch.nn.Module, inferer: AutocastInferer, x: torch.Tensor, 
         opt.step()
 
     step()  # warm-up: allocator, oneDNN kernel choice
+    _sync(x.device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    _sync(x.device)
     return steps * len(x) / (time.perf_counter() - start)
 
 
@@ -55,9 +63,11 @@ def train_rate(net: torch.nn.Module, inferer: AutocastInferer, x: torch.Tensor, 
 def infer_rate(net: torch.nn.Module, inferer: AutocastInferer, x: torch.Tensor, steps: int) -> float:
     net.eval()
     inferer(x, net)
+    _sync(x.device)
     start = time.perf_counter()
     for _ in range(steps):
         inferer(x, net)
+    _sync(x.device)
     return steps * len(x) / (time.perf_counter() - start)
 
 

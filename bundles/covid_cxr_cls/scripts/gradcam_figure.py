@@ -1,10 +1,12 @@
 """Grad-CAM figure for docs/: a CV fold's model on a few of that fold's held-out images, one panel each.
 
-    python bundles/covid_cxr_cls/scripts/gradcam_figure.py RUN_DIR [--fold 0] [--image_size 64] [--layer NAME]
+    python bundles/covid_cxr_cls/scripts/gradcam_figure.py RUN_DIR [--network densenet121] [--fold 0]
+        [--image_size 224] [--layer NAME] [--out docs/gradcam_examples.png]
 
-RUN_DIR is a `medpipe cv covid_cxr_cls --network efficientnet_lite0` output; images are picked from
+RUN_DIR is a `medpipe cv covid_cxr_cls --network NAME` output; images are picked from
 RUN_DIR/fold<k>/predictions.csv (held out from that fold's model): two ieee8023 covid19, one ieee8023 pneumonia,
-one actualmed covid19, one NIH pneumonia, one NIH normal. Writes docs/gradcam_examples.png.
+one actualmed covid19, one NIH pneumonia, one NIH normal. The Grad-CAM layer defaults to the overlay's
+`gradcam_layer`.
 """
 
 from __future__ import annotations
@@ -31,22 +33,31 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--network", default="densenet121")
     parser.add_argument("--fold", type=int, default=0)
-    parser.add_argument("--image_size", type=int, default=64)
-    parser.add_argument("--layer", default="features.blocks.10")  # stride 16: 4x4 maps at 64², finer than 'top'
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--layer", default=None, help="default: the overlay's gradcam_layer")
+    parser.add_argument("--out", type=Path, default=BUNDLE / "docs" / "gradcam_examples.png")
     args = parser.parse_args()
     fold_dir = args.run_dir / f"fold{args.fold}"
     with (fold_dir / "predictions.csv").open() as fh:
         held_out = list(csv.DictReader(fh))
     picked: list[dict[str, str]] = []
     for finding, source in WANT:
-        picked.append(next(r for r in held_out if (r["finding"], r["source"]) == (finding, source) and r not in picked))
+        match = (r for r in held_out if (r["finding"], r["source"]) == (finding, source) and r not in picked)
+        row = next(match, None)
+        if row is None:
+            print(f"no held-out {source} {finding} image in fold {args.fold}; panel skipped")
+        else:
+            picked.append(row)
+    if not picked:
+        raise SystemExit(f"no held-out image of the wanted kinds in {fold_dir / 'predictions.csv'}")
     data = Path(dataset_dir("covid_cxr"))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        run_bundle(BUNDLE, "inference", "efficientnet_lite0", input=[str(data / r["path"]) for r in picked],
-                   ckpt_dir=str(fold_dir), output_dir=str(out), image_size=args.image_size,
-                   gradcam_layer=args.layer)  # fmt: skip
+        layer = {"gradcam_layer": args.layer} if args.layer else {}
+        run_bundle(BUNDLE, "inference", args.network, input=[str(data / r["path"]) for r in picked],
+                   ckpt_dir=str(fold_dir), output_dir=str(out), image_size=args.image_size, **layer)  # fmt: skip
         fig, axes = plt.subplots(1, len(picked), figsize=(2.0 * len(picked), 2.4))
         for ax, row in zip(axes, picked, strict=True):
             stem = Path(row["path"]).stem
@@ -56,8 +67,9 @@ def main() -> None:
             ax.set_title(f"{row['source']}\ntrue {row['finding']}\npred {predicted}", fontsize=7)
             ax.axis("off")
         fig.tight_layout()
-        fig.savefig(BUNDLE / "docs" / "gradcam_examples.png", dpi=110)
-    print(f"wrote {BUNDLE / 'docs' / 'gradcam_examples.png'}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
