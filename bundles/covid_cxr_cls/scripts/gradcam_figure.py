@@ -58,7 +58,7 @@ def main() -> None:
         layer = {"gradcam_layer": args.layer} if args.layer else {}
         run_bundle(BUNDLE, "inference", args.network, input=[str(data / r["path"]) for r in picked],
                    ckpt_dir=str(fold_dir), output_dir=str(out), image_size=args.image_size, **layer)  # fmt: skip
-        fig, axes = plt.subplots(1, len(picked), figsize=(2.0 * len(picked), 2.4))
+        fig, axes = plt.subplots(1, len(picked), figsize=(2.0 * len(picked), 2.9))
         for ax, row in zip(axes, picked, strict=True):
             stem = Path(row["path"]).stem
             png = next((out / "gradcam").glob(f"{stem}_gradcam_*.png"))
