@@ -81,6 +81,20 @@ def write_summary(out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def run_fold(
+    bundle_dir: Path, network: str | None, fold: int, folds: int, split_mode: str, out_dir: Path,
+    evaluate: bool = True, **overrides: Any,
+) -> Path:
+    """Train on all folds but `fold`, then score the held-out fold, into `<out_dir>/fold<k>/`; returns that folder."""
+    fold_dir = Path(out_dir) / f"fold{fold}"
+    common = {"fold": fold, "num_folds": folds, "split_mode": split_mode, "ckpt_dir": str(fold_dir),
+              "output_dir": str(fold_dir), **overrides}  # fmt: skip
+    run_bundle(bundle_dir, "train", network, **common)
+    if evaluate:
+        run_bundle(bundle_dir, "evaluate", network, **common)
+    return fold_dir
+
+
 def run_cv(
     bundle: str,
     network: str | None = None,
@@ -94,10 +108,7 @@ def run_cv(
     out_dir = Path(out or f"results/{bundle_dir.name}/{network or 'default'}_{split_mode}")
     started = time.perf_counter()
     for fold in range(folds):
-        fold_dir = out_dir / f"fold{fold}"
-        common = {"fold": fold, "num_folds": folds, "split_mode": split_mode, "ckpt_dir": str(fold_dir), **overrides}
-        run_bundle(bundle_dir, "train", network, output_dir=str(fold_dir), **common)
-        run_bundle(bundle_dir, "evaluate", network, output_dir=str(fold_dir), **common)
+        run_fold(bundle_dir, network, fold, folds, split_mode, out_dir, **overrides)
     info = {
         "bundle": bundle_dir.name, "network": network or "default", "split_mode": split_mode, "folds": folds,
         "overrides": overrides, "wall_time_s": round(time.perf_counter() - started, 1),

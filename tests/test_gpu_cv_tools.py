@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import pytest
 from PIL import Image
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools" / "gpu_cv"
@@ -74,3 +75,15 @@ def test_fold_plan_runs_longest_jobs_first_and_smoke_runs_one_fold() -> None:
     assert costs == sorted(costs, reverse=True)
     smoke = run.fold_specs(smoke=True, folds=5)
     assert len(smoke) == len(run.JOBS) and all(s["overrides"]["epochs"] == 1 for s in smoke)
+
+
+def test_refuses_to_replace_finished_results(tmp_path: Path, monkeypatch) -> None:
+    run = _load("run_device")
+    job = run.JOBS[0]["name"]
+    (tmp_path / job).mkdir(parents=True)
+    (tmp_path / job / "cv_summary.json").write_text("{}")
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    monkeypatch.setattr("sys.argv", ["run_device.py", "--out", str(tmp_path / "out"), "--only", job, "--skip_bench"])
+    with pytest.raises(SystemExit, match="holds finished results"):
+        run.main()
+    assert (tmp_path / job / "cv_summary.json").is_file()

@@ -57,18 +57,14 @@ def run_fold(spec: dict[str, Any]) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from medpipe.bundle import find_bundle, run_bundle
+    from medpipe.bundle import find_bundle
+    from medpipe.cv import run_fold as train_and_evaluate
 
-    fold_dir = RESULTS / spec["name"] / f"fold{spec['fold']}"
-    common = {"fold": spec["fold"], "num_folds": spec["folds"], "split_mode": spec["split_mode"],
-              "ckpt_dir": str(fold_dir), "output_dir": str(fold_dir), **spec["overrides"]}  # fmt: skip
-    bundle = find_bundle(spec["bundle"])
+    bundle, out_dir = find_bundle(spec["bundle"]), Path(spec["results"]) / spec["name"]
     started = time.perf_counter()
-    run_bundle(bundle, "train", spec["network"], **common)
-    trained = time.perf_counter()
-    if spec["evaluate"]:
-        run_bundle(bundle, "evaluate", spec["network"], **common)
-    timing = {"train_s": round(trained - started, 1), "evaluate_s": round(time.perf_counter() - trained, 1)}
+    fold_dir = train_and_evaluate(bundle, spec["network"], spec["fold"], spec["folds"], spec["split_mode"], out_dir,
+                                  evaluate=spec["evaluate"], **spec["overrides"])  # fmt: skip
+    timing = {"train_and_evaluate_s": round(time.perf_counter() - started, 1)}
     (fold_dir / "timing.json").write_text(json.dumps(timing))
 
 
@@ -77,7 +73,7 @@ def fold_specs(smoke: bool, folds: int) -> list[dict[str, Any]]:
     for job in sorted(JOBS, key=lambda j: -j["cost"]):
         overrides = {**job["overrides"], **(SMOKE_OVERRIDES if smoke else {})}
         for fold in range(1 if smoke else folds):
-            specs.append({**job, "overrides": overrides, "fold": fold, "folds": folds})
+            specs.append({**job, "overrides": overrides, "fold": fold, "folds": folds, "results": str(RESULTS)})
     return specs
 
 
@@ -180,6 +176,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="1 epoch, 40 cases, fold 0 of each job")
     parser.add_argument("--only", default="", help="comma-separated job names (default: all)")
+    parser.add_argument("--overwrite", action="store_true", help="replace job folders that hold a cv_summary.json")
     parser.add_argument("--skip_bench", action="store_true", help="for a dry run on a CPU machine")
     args = parser.parse_args()
     deadline = time.perf_counter() + args.deadline
@@ -191,9 +188,15 @@ def main() -> None:
         if args.only
         else [j for j in JOBS if j.get("default", True)]
     )
-    specs = fold_specs(args.smoke, args.folds)
+    global RESULTS
+    if args.smoke:  # never mix smoke folds with real ones
+        RESULTS = RESULTS / "smoke"
     for job in JOBS:
-        shutil.rmtree(RESULTS / job["name"], ignore_errors=True)
+        job_dir = RESULTS / job["name"]
+        if (job_dir / "cv_summary.json").is_file() and not args.overwrite:
+            raise SystemExit(f"'{job_dir}' holds finished results; move it away or pass --overwrite")
+        shutil.rmtree(job_dir, ignore_errors=True)
+    specs = fold_specs(args.smoke, args.folds)
     steps = "2" if args.smoke else "20"
     for batch in () if args.skip_bench else ("16", "64"):
         _logged([sys.executable, "benchmarks/bench_cxr.py", "--steps", steps, "--batch", batch],
