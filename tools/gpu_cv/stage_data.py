@@ -4,8 +4,9 @@
 
 - brain_mri_yes_no: copied byte for byte (7 MB).
 - covid_ct_seg: images area-resized and labels nearest-resized to 128² (the bundle's own train transforms at its
-  default `image_size` 128), stored as 8-bit PNG. Only the training inputs change; the fold models are scored
-  afterwards on the original 256² data (`tools/gpu_cv/README.md`).
+  default `image_size` 128), stored as 8-bit PNG. On the GPU machine the folds are scored against these 128²
+  labels; the fold checkpoints come back, so 256² figures need one evaluate job per fold on the original data
+  here (`tools/gpu_cv/README.md`, step 3).
 - covid_cxr: images area-resized to 224² (the bundle's transform at `image_size` 224), stored as 8-bit PNG, with
   labels.csv pointing at them. Fold models are scored on this copy on the GPU machine.
 
