@@ -119,11 +119,11 @@ class SourceAwareReport(ClassificationReport):
 
     def _write(self, engine: Engine) -> None:
         atomic_write_text(self.output_dir / "predictions.csv", self._predictions_csv())
-        logger.info(f"wrote {len(self.rows)} predictions to {self.output_dir / 'predictions.csv'}")
+        logger.info(f"wrote {len(self.records)} predictions to {self.output_dir / 'predictions.csv'}")
         if not self.with_labels:
             return
         report = source_aware_report(
-            [r[2] for r in self.rows], np.stack([r[1] for r in self.rows]), [m[0] for m in self.meta],
+            [r[2] for r in self.records], np.stack([r[1] for r in self.records]), [m[0] for m in self.meta],
             [m[1] for m in self.meta], self.class_names, self.n_boot, self.seed,
         )
         atomic_write_text(self.output_dir / "metrics.json", json.dumps({**self.info, **report}, indent=2))

@@ -115,14 +115,19 @@ def split_items(
     return {"train": [items[i] for i in train_idx], "val": [items[i] for i in val_idx]}
 
 
+def _shuffled_by(items: list[dict[str, Any]], key: str, seed: int) -> dict[Any, list[dict[str, Any]]]:
+    """Items bucketed by `items[i][key]`, each bucket in one seeded random order."""
+    buckets: dict[Any, list[dict[str, Any]]] = {}
+    for i in np.random.default_rng(seed).permutation(len(items)):
+        buckets.setdefault(items[i][key], []).append(items[i])
+    return buckets
+
+
 def cap_items(items: list[dict[str, Any]], max_cases: int, seed: int = 0) -> list[dict[str, Any]]:
     """A seeded, class-balanced subset of at most `max_cases` items (-1: all), for smoke tests and quick looks."""
     if max_cases < 0 or len(items) <= max_cases:
         return items
-    rng = np.random.default_rng(seed)
-    by_label: dict[int, list[dict[str, Any]]] = {}
-    for i in rng.permutation(len(items)):
-        by_label.setdefault(items[i]["label"], []).append(items[i])
+    by_label = _shuffled_by(items, "label", seed)
     per_class = max(1, max_cases // len(by_label))
     return [it for label in sorted(by_label) for it in by_label[label][:per_class]]
 
@@ -265,10 +270,7 @@ def cap_groups(items: list[dict[str, Any]], max_cases: int, seed: int = 0) -> li
     """A seeded subset of at most `max_cases` items taken round-robin over groups, so every group keeps some."""
     if max_cases < 0 or len(items) <= max_cases:
         return items
-    rng = np.random.default_rng(seed)
-    by_group: dict[str, list[dict[str, Any]]] = {}
-    for i in rng.permutation(len(items)):
-        by_group.setdefault(items[i]["group"], []).append(items[i])
+    by_group = _shuffled_by(items, "group", seed)
     queues, picked = [by_group[g] for g in sorted(by_group)], []
     while len(picked) < max_cases:
         for queue in queues:

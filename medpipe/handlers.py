@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,35 @@ def _probabilities(pred: torch.Tensor) -> np.ndarray:
     return np.array([1 - p[0], p[0]]) if p.size == 1 else p
 
 
-class ClassificationReport:
+class EpochCollector:
+    """Base of evaluator handlers that keep one record per evaluated item over an epoch and write them at its end.
+
+    Subclasses turn one (post-processed output, batch item) pair into a record (`_record`) and write the epoch's
+    `self.records` (`_write`).
+    """
+
+    records: list[Any]
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.records = []
+
+    def _collect(self, engine: Engine) -> None:
+        for out, item in zip(_as_list(engine.state.output), _as_list(engine.state.batch), strict=True):
+            self.records.append(self._record(out, item))
+
+    def _record(self, out: Mapping[str, Any], item: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def _write(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+
+class ClassificationReport(EpochCollector):
     """Collect per-case probabilities over one evaluator epoch and write them out.
 
     Always writes `<output_dir>/predictions.csv` (path, one probability column per class, predicted class, and
@@ -55,29 +83,20 @@ class ClassificationReport:
         self.n_boot, self.seed = n_boot, seed
         self.info = info or {}
         self.pred_key, self.label_key, self.path_key = pred_key, label_key, path_key
-        self.rows: list[tuple[str, np.ndarray, int | None]] = []
+        self.records: list[tuple[str, np.ndarray, int | None]] = []  # (path, probabilities, label or None)
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self.rows = []
-
-    def _collect(self, engine: Engine) -> None:
-        for out, item in zip(_as_list(engine.state.output), _as_list(engine.state.batch), strict=True):
-            label = None
-            if self.with_labels:
-                label = int(round(float(torch.as_tensor(out[self.label_key]).reshape(-1)[0])))
-            self.rows.append((str(item[self.path_key]), _probabilities(out[self.pred_key]), label))
+    def _record(self, out: Mapping[str, Any], item: Mapping[str, Any]) -> tuple[str, np.ndarray, int | None]:
+        label = None
+        if self.with_labels:
+            label = int(round(float(torch.as_tensor(out[self.label_key]).reshape(-1)[0])))
+        return str(item[self.path_key]), _probabilities(out[self.pred_key]), label
 
     def _predictions_csv(self) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf)
         header = ["path"] + [f"prob_{c}" for c in self.class_names] + ["predicted"] + self._extra_header()
         writer.writerow(header + (["label"] if self.with_labels else []))
-        for i, (path, probs, label) in enumerate(self.rows):
+        for i, (path, probs, label) in enumerate(self.records):
             row = [path] + [f"{p:.6f}" for p in probs] + [self.class_names[int(np.argmax(probs))]]
             row += self._extra_cells(i)
             writer.writerow(row + ([self.class_names[label]] if label is not None else []))
@@ -92,11 +111,11 @@ class ClassificationReport:
 
     def _write(self, engine: Engine) -> None:
         atomic_write_text(self.output_dir / "predictions.csv", self._predictions_csv())
-        logger.info(f"wrote {len(self.rows)} predictions to {self.output_dir / 'predictions.csv'}")
+        logger.info(f"wrote {len(self.records)} predictions to {self.output_dir / 'predictions.csv'}")
         if not self.with_labels:
             return
-        labels = [r[2] for r in self.rows]
-        report = classification_report(labels, [r[1] for r in self.rows], self.class_names, self.n_boot, self.seed)
+        labels = [r[2] for r in self.records]
+        report = classification_report(labels, [r[1] for r in self.records], self.class_names, self.n_boot, self.seed)
         report = {**self.info, **report}
         atomic_write_text(self.output_dir / "metrics.json", json.dumps(report, indent=2))
         acc, auc = report["metrics"]["accuracy"]["value"], report["metrics"].get("roc_auc", {}).get("value")

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.transforms import MapTransform
 
 from medpipe.errors import MedpipeError
 from medpipe.files import atomic_write_text
+from medpipe.handlers import EpochCollector
 from medpipe.imageio import load_grey_2d
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def _rows_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-class SegmentationReport:
+class SegmentationReport(EpochCollector):
     """Score every slice of one evaluator epoch and write metrics.json, per_slice.csv and per_volume.csv.
 
     `pred` must be a label map on the label's grid (see MatchSized + AsDiscreted(argmax)); `structures` maps a
@@ -192,32 +193,20 @@ class SegmentationReport:
         self.structures = {k: list(v) for k, v in structures.items()}
         self.n_boot, self.seed, self.info = n_boot, seed, info or {}
         self.pred_key, self.label_key, self.path_key, self.group_key = pred_key, label_key, path_key, group_key
-        self.slices: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []  # one per slice: path, group and slice_statistics
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self.slices = []
-
-    def _collect(self, engine: Engine) -> None:
-        outputs, batch = engine.state.output, engine.state.batch
-        outputs = outputs if isinstance(outputs, list) else [outputs]
-        batch = batch if isinstance(batch, list) else [batch]
-        for out, item in zip(outputs, batch, strict=True):
-            pred = torch.as_tensor(out[self.pred_key]).detach().cpu().numpy().reshape(out[self.label_key].shape[-2:])
-            true = torch.as_tensor(out[self.label_key]).detach().cpu().numpy().reshape(pred.shape)
-            stats = slice_statistics(pred.astype(np.int64), true.astype(np.int64), self.structures)
-            group = item.get(self.group_key, item[self.path_key])
-            self.slices.append({"path": str(item[self.path_key]), "group": str(group), **stats})
+    def _record(self, out: Mapping[str, Any], item: Mapping[str, Any]) -> dict[str, Any]:
+        pred = torch.as_tensor(out[self.pred_key]).detach().cpu().numpy().reshape(out[self.label_key].shape[-2:])
+        true = torch.as_tensor(out[self.label_key]).detach().cpu().numpy().reshape(pred.shape)
+        stats = slice_statistics(pred.astype(np.int64), true.astype(np.int64), self.structures)
+        group = item.get(self.group_key, item[self.path_key])
+        return {"path": str(item[self.path_key]), "group": str(group), **stats}
 
     def _write(self, engine: Engine) -> None:
         from medpipe.metrics import segmentation_report
 
         report, slice_rows, volume_rows = segmentation_report(
-            self.slices, list(self.structures), self.n_boot, self.seed
+            self.records, list(self.structures), self.n_boot, self.seed
         )
         report = {
             **self.info,

@@ -199,6 +199,14 @@ def _mlflow_name(name: str) -> str:
 # ---------------------------------------------------------------- plots (matplotlib, written to files)
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out, write and close a figure (closing matters: runs log several figures per job)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def _figure():  # noqa: ANN202
     import matplotlib
 
@@ -223,10 +231,7 @@ def plot_learning_curves(history: list[dict[str, float]], path: Path) -> Path | 
         ax.set_title(title)
         if ax.lines:
             ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_roc(predictions_csv: Path, path: Path) -> Path | None:
@@ -257,10 +262,7 @@ def plot_roc(predictions_csv: Path, path: Path) -> Path | None:
     ax.set_title(f"ROC ({len(rows)} cases)")
     if ax.lines[:-1]:
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_confusion_matrix(metrics_json: Path, path: Path) -> Path | None:
@@ -281,10 +283,7 @@ def plot_confusion_matrix(metrics_json: Path, path: Path) -> Path | None:
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_overlays(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], path: Path) -> Path | None:
@@ -300,10 +299,7 @@ def plot_overlays(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
         if pred.any():
             ax.contour(pred, levels=[0.5], colors="red", linewidths=1)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
