@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 from medpipe.bundle import find_bundle, run_bundle
-from medpipe.errors import MedpipeError
+from medpipe.errors import MedpipeError, find_medpipe_error
 from medpipe.files import atomic_write_text
 from medpipe.metrics import classification_report
 
@@ -95,37 +99,86 @@ def run_fold(
     return fold_dir
 
 
+def _fold_on_threads(threads: int, *args: Any, **overrides: Any) -> Path:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        return run_fold(*args, **overrides)
+    except Exception as exc:
+        # a pickled exception loses its __cause__ chain: send the one-line MedpipeError itself to the parent
+        found = find_medpipe_error(exc)
+        if found is None:
+            raise
+        raise MedpipeError(str(found)) from None
+
+
+def _run_folds(
+    bundle_dir: Path, network: str | None, folds: int, split_mode: str, out_dir: Path, parallel: int,
+    overrides: dict[str, Any],
+) -> None:
+    """Folds one after another, or `parallel` at a time in fresh processes sharing the cores between them.
+
+    Why processes: on 2 cores two single-thread folds train ~1.15x faster in total than one fold on two threads
+    (small convolutions do not split well across threads). A fold left to run alone at the end gets all cores.
+    """
+    if parallel <= 1:
+        for fold in range(folds):
+            run_fold(bundle_dir, network, fold, folds, split_mode, out_dir, **overrides)
+        return
+    cores = os.cpu_count() or 1
+    context = multiprocessing.get_context("spawn")  # no forked copy of a half-initialised torch / OpenMP pool
+    with ProcessPoolExecutor(parallel, mp_context=context) as pool:
+        jobs = [pool.submit(_fold_on_threads, max(1, cores // min(parallel, folds - fold)),
+                            bundle_dir, network, fold, folds, split_mode, out_dir, **overrides)
+                for fold in range(folds)]  # fmt: skip
+        try:
+            for job in jobs:
+                job.result()  # re-raises a fold's error here
+        except BrokenProcessPool as exc:
+            raise MedpipeError(
+                "a fold's worker process died (killed, or out of memory?); rerun with --parallel 1 to see why"
+            ) from exc
+        finally:
+            for job in jobs:
+                job.cancel()  # when one fold fails, folds not yet started are dropped
+
+
 def run_cv(
     bundle: str,
     network: str | None = None,
     folds: int = 5,
     split_mode: str = "group",
     out: str | None = None,
+    parallel: int = 1,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train and evaluate folds 0..K-1, each scored on its own held-out fold, then write cv_summary.json."""
+    if parallel < 1:
+        raise MedpipeError(f"--parallel must be >= 1, got {parallel}")
     bundle_dir = find_bundle(bundle)
     out_dir = Path(out or f"results/{bundle_dir.name}/{network or 'default'}_{split_mode}")
     started = time.perf_counter()
-    for fold in range(folds):
-        run_fold(bundle_dir, network, fold, folds, split_mode, out_dir, **overrides)
+    _run_folds(bundle_dir, network, folds, split_mode, out_dir, parallel, overrides)
     info = {
         "bundle": bundle_dir.name, "network": network or "default", "split_mode": split_mode, "folds": folds,
-        "overrides": overrides, "wall_time_s": round(time.perf_counter() - started, 1),
+        "overrides": overrides, "parallel": parallel, "wall_time_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     return write_summary(out_dir, info)
 
 
 def cv_command(
     bundle: str, network: str | None = None, folds: int = 5, split_mode: str = "group", out: str | None = None,
-    **overrides: Any,
+    parallel: int = 1, **overrides: Any,
 ) -> None:
-    """medpipe cv BUNDLE [--network NAME] [--folds 5] [--split_mode group|random] [--out DIR] [--key value …]
+    """medpipe cv BUNDLE [--network NAME] [--folds 5] [--split_mode group|random] [--out DIR] [--parallel N]
+    [--key value …]
 
+    --parallel N trains N folds at a time in separate processes, splitting the CPU cores between them.
     Writes `<out>/fold<k>/{model.pt,metrics.json,predictions.csv}` and `<out>/cv_summary.json` (mean ± sd over
     folds, and pooled out-of-fold metrics with bootstrap CIs).
     """
-    run_cv(bundle, network, folds, split_mode, out, **overrides)
+    run_cv(bundle, network, folds, split_mode, out, parallel, **overrides)
 
 
 def cv_report_command(out: str) -> None:
@@ -135,5 +188,6 @@ def cv_report_command(out: str) -> None:
     info = {}
     if previous.is_file():
         old = json.loads(previous.read_text())
-        info = {k: old[k] for k in ("bundle", "network", "split_mode", "overrides", "wall_time_s") if k in old}
+        kept = ("bundle", "network", "split_mode", "overrides", "parallel", "wall_time_s")
+        info = {k: old[k] for k in kept if k in old}
     write_summary(out_dir, info)

@@ -42,3 +42,25 @@ def test_summary_mean_sd_and_pooled(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_summary_without_folds_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(MedpipeError, match="no fold"):
         write_summary(tmp_path, {})
+
+
+def test_parallel_folds_write_every_fold_and_the_summary(tmp_path: Path) -> None:
+    from medpipe.cv import run_cv
+    from medpipe.demo import make_synthetic_set
+
+    data = make_synthetic_set(tmp_path / "data", per_class=6, size=64)
+    summary = run_cv("brain_tumor_cls", "paper_cnn", 2, "group", str(tmp_path / "cv"), parallel=2,
+                     dataset_dir=str(data), epochs=1)  # fmt: skip
+    assert summary["parallel"] == 2 and summary["folds"] == 2 and summary["n"] == 12
+    for fold in (0, 1):
+        assert (tmp_path / "cv" / f"fold{fold}" / "predictions.csv").stat().st_size > 0
+
+
+def test_a_failing_fold_in_a_worker_process_fails_the_cv(tmp_path: Path) -> None:
+    from medpipe.cv import run_cv
+
+    with pytest.raises(MedpipeError, match="missing_folder"):
+        run_cv("brain_tumor_cls", "paper_cnn", 2, "group", str(tmp_path / "cv"), parallel=2,
+               dataset_dir=str(tmp_path / "missing_folder"), epochs=1)  # fmt: skip
+    with pytest.raises(MedpipeError, match="parallel"):
+        run_cv("brain_tumor_cls", "paper_cnn", 2, "group", str(tmp_path / "cv"), parallel=0)
