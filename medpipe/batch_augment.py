@@ -58,14 +58,13 @@ class BatchAugment:
             raise ValueError(f"BatchAugment expects (N, C, H, W) images, got shape {tuple(images.shape)}")
         x = images.as_tensor() if hasattr(images, "as_tensor") else images  # plain tensor: no MetaTensor tracking
         x = x.float()
+        # torch.where returns a new tensor, so the in-place writes below never touch the caller's batch
         x = torch.where(self._chosen(x, self.flip_prob)[:, None, None, None], x.flip(-1), x)
         picked = self._chosen(x, self.affine_prob).nonzero().flatten()
         if picked.numel():
-            x = x.clone()
             x[picked] = self._affine(x[picked])
         picked = self._chosen(x, self.gamma_prob).nonzero().flatten()
         if picked.numel():
-            x = x.clone()
             x[picked] = self._gamma(x[picked])
         return x
 

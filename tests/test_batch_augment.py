@@ -80,3 +80,10 @@ def test_bad_settings_are_refused(kwargs: dict, match: str) -> None:
 def test_non_batch_input_is_refused() -> None:
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         BatchAugment().augment(torch.zeros(1, 16, 16))
+
+
+def test_the_callers_batch_is_not_modified() -> None:
+    batch = _batch()
+    before = batch["image"].clone()
+    BatchAugment(flip_prob=1.0, affine_prob=1.0, gamma_prob=1.0)(batch)
+    assert torch.equal(batch["image"], before)
