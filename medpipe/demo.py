@@ -47,10 +47,11 @@ def _table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def demo_command(out: str = "results/demo", network: str = "paper_cnn", epochs: int = 40) -> None:
+def demo_command(out: str = "results/demo", network: str = "paper_cnn", epochs: int | None = None) -> None:
     """medpipe demo [--out DIR] [--network paper_cnn|densenet121|resnet18] [--epochs N]
 
-    Trains on 4/5 of the data (group-aware fold 0) and scores the held-out fifth.
+    Trains on 4/5 of the data (group-aware fold 0) and scores the held-out fifth; epochs default to the bundle's
+    (train.json and the network's overlay).
     """
     out_dir = Path(out).resolve()
     real = Path(os.environ.get("MEDPIPE_DATA", "")) / "brain_mri_yes_no"
@@ -60,7 +61,9 @@ def demo_command(out: str = "results/demo", network: str = "paper_cnn", epochs: 
         dataset = make_synthetic_set(out_dir / "synthetic_data")
         source = "SYNTHETIC DATA (MEDPIPE_DATA/brain_mri_yes_no not found): these numbers say nothing about MRI"
         print(f"{BANNER}\n!! {source}\n!! generated in {dataset}\n{BANNER}")
-    common = {"dataset_dir": str(dataset), "ckpt_dir": str(out_dir / "models"), "fold": 0, "epochs": epochs}
+    common = {"dataset_dir": str(dataset), "ckpt_dir": str(out_dir / "models"), "fold": 0}
+    if epochs is not None:
+        common["epochs"] = epochs
     bundle = find_bundle("brain_tumor_cls")
     run_bundle(bundle, "train", network, output_dir=str(out_dir), **common)
     run_bundle(bundle, "evaluate", network, output_dir=str(out_dir), **common)

@@ -42,7 +42,7 @@ JOBS: list[dict[str, Any]] = [
     {"name": "covid_ct_seg/unet128_e25", "bundle": "covid_ct_seg", "network": None, "split_mode": "group",
      "overrides": {"epochs": 25, "image_size": 128, "val_interval": 1000}, "evaluate": True, "cost": 8,
      "return_models": True, "default": False},
-    # third lease: workers for augmentation (num_workers), CXR folds first, CT folds as slots free up
+    # second GPU session: loader workers for augmentation (num_workers); run with --only and --parallel
     {"name": "covid_cxr_cls/densenet121_224_e20_w2", "bundle": "covid_cxr_cls", "network": "densenet121",
      "split_mode": "group", "overrides": {"epochs": 20, "image_size": 224, "num_workers": 2}, "evaluate": True,
      "cost": 10, "default": False},
