@@ -24,7 +24,8 @@ class BatchAugment:
     affine_prob: chance of one random affine per image: rotation uniform in ±rotate_range (radians), isotropic scale
         1 + uniform ±scale_range, shift uniform ±translate_range pixels per axis; bilinear, zero padding.
     gamma_prob, gamma: chance and range of MONAI-style contrast change, min + range * ((x - min) / range) ** g.
-    Labels pass through untouched: this is for image-level labels (classification).
+    spatial_label: False (classification): labels pass through untouched. True (segmentation): labels (N, 1, H, W)
+        get the same flip and affine, sampled nearest-neighbour so label values stay exact; no gamma.
     """
 
     def __init__(
@@ -36,6 +37,7 @@ class BatchAugment:
         translate_range: float = 8.0,
         gamma_prob: float = 0.3,
         gamma: Sequence[float] = (0.7, 1.5),
+        spatial_label: bool = False,
     ) -> None:
         for name, p in (("flip_prob", flip_prob), ("affine_prob", affine_prob), ("gamma_prob", gamma_prob)):
             if not 0.0 <= p <= 1.0:
@@ -45,28 +47,38 @@ class BatchAugment:
         self.flip_prob, self.affine_prob, self.gamma_prob = flip_prob, affine_prob, gamma_prob
         self.rotate_range, self.scale_range, self.translate_range = rotate_range, scale_range, translate_range
         self.gamma = (float(gamma[0]), float(gamma[1]))
+        self.spatial_label = spatial_label
 
     def __call__(
         self, batchdata: Any, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
     ) -> Any:
         batch = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-        images, rest = batch[0], tuple(batch[1:])
-        return (self.augment(images), *rest)
+        images, labels, rest = batch[0], batch[1], tuple(batch[2:])
+        if self.spatial_label and labels is not None:
+            return (*self.augment(images, labels), *rest)
+        return (self.augment(images), labels, *rest)
 
-    def augment(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4:
-            raise ValueError(f"BatchAugment expects (N, C, H, W) images, got shape {tuple(images.shape)}")
-        x = images.as_tensor() if hasattr(images, "as_tensor") else images  # plain tensor: no MetaTensor tracking
-        x = x.float()
-        # torch.where returns a new tensor, so the in-place writes below never touch the caller's batch
-        x = torch.where(self._chosen(x, self.flip_prob)[:, None, None, None], x.flip(-1), x)
+    def augment(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        """Augmented images, or (images, labels) when `labels` (N, 1, H, W) are given to follow the same warp."""
+        x = _plain(images, "images").float()
+        y = None if labels is None else _plain(labels, "labels")
+        if y is not None and (y.shape[0] != x.shape[0] or y.shape[-2:] != x.shape[-2:]):
+            raise ValueError(f"BatchAugment: labels {tuple(y.shape)} do not match images {tuple(x.shape)}")
+        # torch.where returns new tensors, so the in-place writes below never touch the caller's batch
+        flip = self._chosen(x, self.flip_prob)[:, None, None, None]
+        x = torch.where(flip, x.flip(-1), x)
+        y = None if y is None else torch.where(flip, y.flip(-1), y)
         picked = self._chosen(x, self.affine_prob).nonzero().flatten()
         if picked.numel():
-            x[picked] = self._affine(x[picked])
+            grid = self._affine_grid(x[picked])
+            x[picked] = F.grid_sample(x[picked], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            if y is not None:
+                warped = F.grid_sample(y[picked].float(), grid, mode="nearest", align_corners=False)
+                y[picked] = warped.to(y.dtype)  # zero padding: background outside the image
         picked = self._chosen(x, self.gamma_prob).nonzero().flatten()
         if picked.numel():
             x[picked] = self._gamma(x[picked])
-        return x
+        return x if labels is None else (x, y)
 
     @staticmethod
     def _chosen(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -75,7 +87,7 @@ class BatchAugment:
     def _uniform(self, n: int, half_width: float, device: torch.device) -> torch.Tensor:
         return ((torch.rand(n) * 2 - 1) * half_width).to(device)
 
-    def _affine(self, x: torch.Tensor) -> torch.Tensor:
+    def _affine_grid(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         angle = self._uniform(n, self.rotate_range, x.device)
         scale = 1 + self._uniform(n, self.scale_range, x.device)
@@ -85,8 +97,7 @@ class BatchAugment:
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
         theta = torch.stack([torch.stack([cos, -sin * h / w, shift[:, 0]], 1),
                              torch.stack([sin * w / h, cos, shift[:, 1]], 1)], 1)  # fmt: skip
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
 
     def _gamma(self, x: torch.Tensor) -> torch.Tensor:
         g = (self.gamma[0] + torch.rand(x.shape[0]) * (self.gamma[1] - self.gamma[0])).to(x.device)
@@ -94,3 +105,9 @@ class BatchAugment:
         span = x.amax(dim=(1, 2, 3), keepdim=True) - low
         scaled = ((x - low) / (span + 1e-7)).clamp_min(0) ** g[:, None, None, None]
         return scaled * span + low
+
+
+def _plain(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.ndim != 4:
+        raise ValueError(f"BatchAugment expects (N, C, H, W) {what}, got shape {tuple(t.shape)}")
+    return t.as_tensor() if hasattr(t, "as_tensor") else t  # a plain tensor: no MetaTensor tracking per op
