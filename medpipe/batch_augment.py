@@ -1,7 +1,7 @@
 """Random augmentation of a whole training batch at once, on the batch's device, as a trainer's `prepare_batch`.
 
 Why: with MONAI's per-image random transforms in the data loader, the paper's small CNN spent more time on one
-RandAffine per image than on its training step (2 CPU cores), and on a GPU the folds were bound by CPU workers. Here
+RandAffine per image than on its training step (2 CPU cores), and GPU folds looked bound by their CPU loaders. Here
 every selected image of a batch is flipped, rotated, scaled and shifted by one `grid_sample` call and gamma-adjusted
 in a few tensor ops. Per-image parameters are drawn like MONAI's RandFlipd / RandAffined / RandAdjustContrastd, from
 torch's global generator (seeded by `set_determinism`), so runs repeat.
