@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ if not os.environ.get("MEDPIPE_DATA") and (REPO.parent / "shared" / "data").is_d
     os.environ["MEDPIPE_DATA"] = str(REPO.parent / "shared" / "data")
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# caches written by the code under test (image hashes) go to a throw-away folder, not the user's ~/.cache
+os.environ.setdefault("MEDPIPE_CACHE_DIR", tempfile.mkdtemp(prefix="medpipe-test-cache-"))
 
 
 def real_dataset(name: str) -> Path:

@@ -3,6 +3,7 @@ first conv, the new head kept, and one-line MedpipeErrors for checkpoints that a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,33 @@ def test_official_split_drops_test_copies_of_training_images(tmp_path: Path) -> 
     assert kinds == {"Testing/a/exact.png": ("exact", "Training/a/tr0.png"),
                      "Testing/b/near.jpg": ("near", "Training/b/tr1.png")}  # fmt: skip
     assert len(lists["train"]) == 4
+
+
+def test_image_hashes_are_cached_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 4-class de-duplication's hashes are computed once per file content, and a bad cache never breaks it."""
+    import numpy as np
+    from PIL import Image
+
+    from medpipe import data
+
+    rng = np.random.default_rng(1)
+    items = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+        items.append({"image": str(tmp_path / f"img{i}.png"), "path": f"img{i}.png"})
+    monkeypatch.setenv("MEDPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    first = data.find_copies(items[:1], items[1:])
+    assert json.loads(data.hash_cache_file().read_text())["version"] == data.HASH_CACHE_VERSION
+
+    def must_not_run(path: object) -> None:
+        raise AssertionError("hashed again although cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "image_hashes", must_not_run)
+        assert data.find_copies(items[:1], items[1:]) == first  # all three hashes came from the cache
+    data.hash_cache_file().write_text("{not json")
+    assert data.find_copies(items[:1], items[1:]) == first  # a corrupt cache is recomputed and rewritten
+    assert len(json.loads(data.hash_cache_file().read_text())["hashes"]) == 3
+    (tmp_path / "blocked").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("MEDPIPE_CACHE_DIR", str(tmp_path / "blocked"))
+    assert data.find_copies(items[:1], items[1:]) == first  # an unwritable cache only costs time
