@@ -340,6 +340,7 @@ def cached_image_hashes(paths_by_sha: dict[str, str | Path]) -> dict[str, tuple[
         entries = stored.get("hashes", {}) if stored.get("version") == HASH_CACHE_VERSION else {}
     except (OSError, ValueError, AttributeError):
         entries = {}
+    entries = entries if isinstance(entries, dict) else {}
     known = {k: v for k, v in entries.items() if isinstance(v, list) and len(v) == 2}
     missing = {sha: path for sha, path in paths_by_sha.items() if sha not in known}
     for sha, path in missing.items():

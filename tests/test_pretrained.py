@@ -185,8 +185,9 @@ def test_image_hashes_are_cached_by_content(tmp_path: Path, monkeypatch: pytest.
     with monkeypatch.context() as m:
         m.setattr(data, "image_hashes", must_not_run)
         assert data.find_copies(items[:1], items[1:]) == first  # all three hashes came from the cache
-    data.hash_cache_file().write_text("{not json")
-    assert data.find_copies(items[:1], items[1:]) == first  # a corrupt cache is recomputed and rewritten
+    for corrupt in ("{not json", "[1, 2]", '{"version": 1, "hashes": [1, 2]}', '{"version": 1, "hashes": {"x": 3}}'):
+        data.hash_cache_file().write_text(corrupt)
+        assert data.find_copies(items[:1], items[1:]) == first  # a corrupt cache is recomputed and rewritten
     assert len(json.loads(data.hash_cache_file().read_text())["hashes"]) == 3
     (tmp_path / "blocked").write_text("a file where the cache folder should be")
     monkeypatch.setenv("MEDPIPE_CACHE_DIR", str(tmp_path / "blocked"))
