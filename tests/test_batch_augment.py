@@ -138,6 +138,10 @@ def test_augment_on_batch_switches_the_trainer_and_the_loader(bundle: str) -> No
     prepare, names = parsed(True)
     assert isinstance(prepare, BatchAugment) and not any(n.startswith("Rand") for n in names)
     assert prepare.spatial_label == (bundle == "covid_ct_seg")
+    parser = ConfigParser()
+    parser.read_config(str(find_bundle(bundle) / "configs" / "train.json"))
+    per_image = {k: parser.get_parsed_content(f"train#random_transforms#0#{k}") for k in ("prob", "rotate_range")}
+    assert (prepare.affine_prob, prepare.rotate_range) == (per_image["prob"], per_image["rotate_range"])  # one source
 
 
 def test_ct_training_runs_with_batch_augmentation(tmp_path: Path) -> None:
