@@ -1,11 +1,12 @@
 """Training speed of the paper's CNN: medpipe (PyTorch) against Keras (the paper's framework), and medpipe's
 precision / memory-format options, all measured in this one run on the same images.
 
-    python benchmarks/bench_train_speed.py [--steps 30] [--accuracy] [--cv [--cv_parallel 2]]
+    python benchmarks/bench_train_speed.py [--steps 30] [--accuracy] [--cv [--cv_parallel 2]] [--profile]
 
-Prints images/s and the ratio against the Keras baseline. --accuracy trains fold 0 of the bundle in fp32 and in
-the fastest option and checks that accuracy stays inside fp32's bootstrap CI. --cv times the whole 5-fold CV as
-`medpipe cv brain_tumor_cls --network paper_cnn --parallel 2` runs it, without per-epoch validation.
+Prints images/s and the ratio against the Keras baseline, and the ceiling this machine's matmul rate puts on
+images/s (--profile: where the default path's step spends its time). --accuracy trains fold 0 of the bundle in
+fp32 and in the fastest option and checks that accuracy stays inside fp32's bootstrap CI. --cv times the whole
+5-fold CV as `medpipe cv brain_tumor_cls --network paper_cnn --parallel 2` runs it, without per-epoch validation.
 Keras needs the optional extra (pip install -e ".[bench]", tensorflow-cpu) in this interpreter or in the one
 given by --keras-python.
 """
@@ -46,8 +47,11 @@ def load_images(limit: int = 160) -> tuple[np.ndarray, np.ndarray, str]:
     return torch.stack(images).numpy(), np.array([it["label"] for it in items], np.float32), source
 
 
-def torch_images_per_s(x: np.ndarray, y: np.ndarray, precision: str, channels_last: bool, steps: int) -> float:
-    """The bundle's training step (AutocastInferer + BCEWithLogits + Adam) on PaperCNN."""
+def torch_images_per_s(
+    x: np.ndarray, y: np.ndarray, precision: str, channels_last: bool, steps: int, profile: bool = False
+) -> float:
+    """The bundle's training step (AutocastInferer + BCEWithLogits + Adam) on PaperCNN; `profile` also prints
+    torch.profiler's per-op, per-shape table of the timed steps (which layer the time goes to)."""
     torch.manual_seed(0)
     net = PaperCNN()
     net = net.to(memory_format=torch.channels_last) if channels_last else net
@@ -64,10 +68,47 @@ def torch_images_per_s(x: np.ndarray, y: np.ndarray, precision: str, channels_la
 
     for i in range(3):  # warm-up: oneDNN primitive creation
         step(i)
+    if profile:
+        with torch.profiler.profile(record_shapes=True) as prof:
+            for i in range(steps):
+                step(i)
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=12))
     start = time.perf_counter()
     for i in range(steps):
         step(i)
     return steps * BATCH / (time.perf_counter() - start)
+
+
+def training_macs_per_image(net: torch.nn.Module) -> int:
+    """Multiply-accumulates of one training step per image: forward F, weight gradient F, input gradient F for every
+    layer but the first (the image needs no gradient); conv and linear layers only, the rest is memory-bound."""
+    layers: list[int] = []
+
+    def count(module: torch.nn.Module, _: tuple, out: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            layers.append(out[0].numel() * k)
+        elif isinstance(module, torch.nn.Linear):
+            layers.append(module.in_features * module.out_features)
+
+    hooks = [m.register_forward_hook(count) for m in net.modules()]
+    with torch.no_grad():
+        net(torch.zeros(1, 1, SIZE, SIZE))
+    for h in hooks:
+        h.remove()
+    return 3 * sum(layers) - layers[0]
+
+
+def matmul_gmacs(size: int = 2048, repeats: int = 20) -> float:
+    """This machine's fp32 multiply-accumulate rate on one large square matmul (GMAC/s): the practical ceiling of
+    dense kernels on these threads, which a small network's convolutions can approach but not pass."""
+    a, b = torch.rand(size, size), torch.rand(size, size)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return repeats * size**3 / (time.perf_counter() - start) / 1e9
 
 
 def keras_images_per_s(x: np.ndarray, y: np.ndarray, steps: int, python: str) -> float | None:
@@ -98,6 +139,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument("--cv", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print where the default path's step spends its time")
     parser.add_argument("--cv_parallel", type=int, default=2, help="folds trained at a time by --cv")
     parser.add_argument("--keras-python", default=sys.executable, help="an interpreter with tensorflow-cpu installed")
     args = parser.parse_args()
@@ -109,11 +151,20 @@ def main() -> None:
           + ("not installed: pip install -e '.[bench]'" if keras_ips is None else f"{keras_ips:8.1f} img/s  1.00x"))
     results = {}
     for precision, channels_last in [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]:
-        ips = torch_images_per_s(x, y, precision, channels_last, args.steps)
+        profile = args.profile and (precision, channels_last) == ("fp32", True)
+        ips = torch_images_per_s(x, y, precision, channels_last, args.steps, profile)
         results[(precision, channels_last)] = ips
         ratio = f"{ips / keras_ips:5.2f}x Keras" if keras_ips else ""
         print(f"medpipe {precision:4s} channels_last={channels_last!s:5s}       {ips:8.1f} img/s  {ratio}")
     best = max(results, key=results.get)
+    # roofline: even at large-matmul speed with zero overhead a training step cannot go faster than this
+    macs, gmacs = training_macs_per_image(PaperCNN()), matmul_gmacs()
+    ceiling = gmacs * 1e9 / macs
+    keras_share = ""
+    if keras_ips:
+        keras_share = f", Keras {keras_ips / ceiling:.0%}; 1.5x Keras needs {1.5 * keras_ips / ceiling:.0%}"
+    print(f"ceiling: {macs / 1e6:.0f} M multiply-adds per training image at {gmacs:.0f} GMAC/s (2048^2 fp32 matmul)"
+          f" = {ceiling:.0f} img/s; medpipe default {results[('fp32', True)] / ceiling:.0%} of it{keras_share}")
     print(f"fastest: {best[0]} channels_last={best[1]} ({results[best] / results[('fp32', False)]:.2f}x plain fp32)")
 
     if args.accuracy:

@@ -17,9 +17,13 @@ class PaperCNN(nn.Module):
 
     Conv 32@4x4 -> Conv 16@4x4 -> MaxPool 2 -> Conv 32@4x4 -> Conv 16@3x3 -> MaxPool 2 -> Flatten -> Dense.
     It returns logits; the paper's final sigmoid lives in the loss (BCEWithLogits) and the post-processing.
+    freeze_features: train only the Dense layer (the conv stack keeps its pretrained weights), the paper's frozen-base
+    transfer mode applied to its own CNN.
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 1, image_size: int = 128) -> None:
+    def __init__(
+        self, in_channels: int = 1, out_channels: int = 1, image_size: int = 128, freeze_features: bool = False
+    ) -> None:
         super().__init__()
         self.image_size = image_size
         self.features = nn.Sequential(
@@ -34,6 +38,7 @@ class PaperCNN(nn.Module):
         if side < 1:
             raise ValueError(f"PaperCNN needs image_size >= 16, got {image_size}")
         self.classifier = nn.Linear(16 * side * side, out_channels)
+        self.features.requires_grad_(not freeze_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.image_size, self.image_size):

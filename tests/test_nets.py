@@ -1,5 +1,6 @@
 """EfficientNet-Lite0: architecture, the ImageNet key mapping (checked against an independent functional forward and
-against a real photograph), frozen vs fine-tune modes, and loud failure on weights that do not fit."""
+against a real photograph), frozen vs fine-tune modes, and loud failure on weights that do not fit; and the paper
+CNN's frozen mode."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from medpipe.errors import MedpipeError
-from medpipe.nets import EfficientNetLite0, lite0_imagenet_path, lite0_key, load_lite0_imagenet
+from medpipe.nets import EfficientNetLite0, PaperCNN, lite0_imagenet_path, lite0_key, load_lite0_imagenet
 
 STRIDE2_BLOCKS = {1, 3, 5, 11}  # first block of the stages that halve the resolution (B0 layout)
 MILITARY_UNIFORM = 652  # ImageNet-1k class index; the classic label of matplotlib's grace_hopper.jpg
@@ -131,6 +132,21 @@ def test_finetune_mode_trains_everything() -> None:
     net = EfficientNetLite0(pretrained=True).train()
     assert all(p.requires_grad for p in net.parameters())
     assert net.features.training
+
+
+def test_paper_cnn_frozen_features_train_only_the_dense_layer() -> None:
+    """PaperCNN(freeze_features=True), for the 4-class-pretrained paper CNN: an Adam step over all parameters (as
+    train.json builds it) moves the Dense layer only."""
+    net = PaperCNN(freeze_features=True)
+    assert [n for n, p in net.named_parameters() if p.requires_grad] == ["classifier.weight", "classifier.bias"]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net(torch.rand(4, 1, 128, 128)).sum().backward()
+    optimiser.step()
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("features."))
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+    assert all(p.requires_grad for p in PaperCNN().parameters())
 
 
 def _save(state: dict, path) -> str:

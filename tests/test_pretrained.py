@@ -192,3 +192,42 @@ def test_image_hashes_are_cached_by_content(tmp_path: Path, monkeypatch: pytest.
     (tmp_path / "blocked").write_text("a file where the cache folder should be")
     monkeypatch.setenv("MEDPIPE_CACHE_DIR", str(tmp_path / "blocked"))
     assert data.find_copies(items[:1], items[1:]) == first  # an unwritable cache only costs time
+
+
+def test_pretrain_4class_paper_cnn_backbone_feeds_the_yes_no_fine_tuning(tmp_path: Path) -> None:
+    """pretrain_4class.json + pretrain_4class_paper_cnn.json publish a 4-output PaperCNN; the `paper_cnn_4class`
+    network then starts from its features with a new 1-output head (lr 0, so the loaded weights stay exact)."""
+    import numpy as np
+    from monai.bundle import ConfigWorkflow
+    from PIL import Image
+
+    from medpipe.demo import make_synthetic_set
+
+    rng = np.random.default_rng(0)
+    four = tmp_path / "four"
+    for split, n in (("Training", 3), ("Testing", 1)):
+        for cls in ("glioma", "meningioma", "notumor", "pituitary"):
+            (four / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(four / split / cls / f"{i}.png")
+    names = ("train", "pretrain_4class", "pretrain_4class_paper_cnn")
+    configs = [str(BUNDLE / "configs" / f"{name}.json") for name in names]
+    pre_dir = tmp_path / "pretrain"
+    workflow = ConfigWorkflow(config_file=configs, workflow_type=None, bundle_root=str(BUNDLE), dataset_dir=str(four),
+                              ckpt_dir=str(pre_dir), output_dir=str(pre_dir), epochs=1, seed=0)  # fmt: skip
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    published = torch.load(pre_dir / "model.pt", weights_only=True)
+    assert published["classifier.weight"].shape == (4, 16 * 28 * 28)
+
+    yes_no = make_synthetic_set(tmp_path / "yes_no", per_class=4, size=64)
+    out = tmp_path / "fine"
+    run_bundle(BUNDLE, "train", network="paper_cnn_4class", dataset_dir=str(yes_no), num_folds=2, fold=0, epochs=1,
+               learning_rate=0.0, seed=0, ckpt_dir=str(out), output_dir=str(out),
+               pretrained_ckpt=str(pre_dir / "model.pt"))  # fmt: skip
+    tuned = torch.load(out / "model.pt", weights_only=True)
+    assert tuned["classifier.weight"].shape == (1, 16 * 28 * 28)
+    for key, value in published.items():
+        if key.startswith("features."):
+            assert torch.equal(tuned[key], value), key
