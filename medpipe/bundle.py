@@ -116,11 +116,18 @@ def run_bundle(
     bundle_dir: str | Path, config: str = "train", network: str | None = None, **overrides: Any
 ) -> list[Any]:
     """Run one bundle job in this process, with the same checks as the command line."""
+    overrides.setdefault("bundle_root", str(Path(bundle_dir).resolve()))
+    return run_config_files(config_files(bundle_dir, config, network), **overrides)
+
+
+def run_config_files(files: Sequence[str | Path], **overrides: Any) -> list[Any]:
+    """Run the workflow that `files` (train.json first, then overlays such as pretrain_4class.json) define, in this
+    process: override keys are checked as on the command line; `bundle_root` defaults to the first file's bundle."""
     from monai.bundle import ConfigWorkflow
 
-    files = config_files(bundle_dir, config, network)
+    files = [str(f) for f in files]
     check_override_keys(files, list(overrides))
-    overrides.setdefault("bundle_root", str(Path(bundle_dir).resolve()))
+    overrides.setdefault("bundle_root", str(Path(files[0]).resolve().parent.parent))
     workflow = ConfigWorkflow(config_file=files, workflow_type=None, **overrides)
     workflow.initialize()
     result = workflow.run()

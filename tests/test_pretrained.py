@@ -11,7 +11,7 @@ import torch
 from monai.networks.nets import ResNet
 
 from conftest import REPO, real_dataset
-from medpipe.bundle import run_bundle
+from medpipe.bundle import run_bundle, run_config_files
 from medpipe.errors import MedpipeError, find_medpipe_error
 from medpipe.nets import EfficientNetLite0, PaperCNN, lite0_imagenet_path
 from medpipe.pretrained import LoadPretrained, load_pretrained, read_state_dict, strip_prefixes
@@ -198,7 +198,6 @@ def test_pretrain_4class_paper_cnn_backbone_feeds_the_yes_no_fine_tuning(tmp_pat
     """pretrain_4class.json + pretrain_4class_paper_cnn.json publish a 4-output PaperCNN; the `paper_cnn_4class`
     network then starts from its features with a new 1-output head (lr 0, so the loaded weights stay exact)."""
     import numpy as np
-    from monai.bundle import ConfigWorkflow
     from PIL import Image
 
     from medpipe.demo import make_synthetic_set
@@ -213,11 +212,7 @@ def test_pretrain_4class_paper_cnn_backbone_feeds_the_yes_no_fine_tuning(tmp_pat
     names = ("train", "pretrain_4class", "pretrain_4class_paper_cnn")
     configs = [str(BUNDLE / "configs" / f"{name}.json") for name in names]
     pre_dir = tmp_path / "pretrain"
-    workflow = ConfigWorkflow(config_file=configs, workflow_type=None, bundle_root=str(BUNDLE), dataset_dir=str(four),
-                              ckpt_dir=str(pre_dir), output_dir=str(pre_dir), epochs=1, seed=0)  # fmt: skip
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    run_config_files(configs, dataset_dir=str(four), ckpt_dir=str(pre_dir), output_dir=str(pre_dir), epochs=1, seed=0)
     published = torch.load(pre_dir / "model.pt", weights_only=True)
     assert published["classifier.weight"].shape == (4, 16 * 28 * 28)
 
