@@ -19,10 +19,18 @@ class PaperCNN(nn.Module):
     It returns logits; the paper's final sigmoid lives in the loss (BCEWithLogits) and the post-processing.
     freeze_features: train only the Dense layer (the conv stack keeps its pretrained weights), the paper's frozen-base
     transfer mode applied to its own CNN.
+    init: "keras" (default) starts from the paper's framework's defaults, Glorot-uniform weights and zero biases;
+    "torch" keeps PyTorch's, whose weights are about half as large in every layer after the first, so the signal
+    shrinks through this normalisation-free stack and training starts slowly.
     """
 
     def __init__(
-        self, in_channels: int = 1, out_channels: int = 1, image_size: int = 128, freeze_features: bool = False
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        image_size: int = 128,
+        freeze_features: bool = False,
+        init: str = "keras",
     ) -> None:
         super().__init__()
         self.image_size = image_size
@@ -38,6 +46,13 @@ class PaperCNN(nn.Module):
         if side < 1:
             raise ValueError(f"PaperCNN needs image_size >= 16, got {image_size}")
         self.classifier = nn.Linear(16 * side * side, out_channels)
+        if init == "keras":
+            for layer in self.modules():
+                if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                    nn.init.xavier_uniform_(layer.weight)
+                    nn.init.zeros_(layer.bias)
+        elif init != "torch":
+            raise ValueError(f"PaperCNN init must be 'keras' or 'torch', got '{init}'")
         self.features.requires_grad_(not freeze_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,3 +23,22 @@ def test_forward_shape_and_size_check() -> None:
     assert net(torch.rand(3, 1, 128, 128)).shape == (3, 1)
     with pytest.raises(ValueError, match="expects 128x128"):
         net(torch.rand(1, 1, 64, 64))
+
+
+def test_keras_init_is_glorot_uniform_with_zero_biases() -> None:
+    """The default init is Keras's (the paper's framework): weights within the Glorot bound, filling it, biases 0."""
+    torch.manual_seed(0)
+    for layer in (m for m in PaperCNN().modules() if isinstance(m, (nn.Conv2d, nn.Linear))):
+        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5
+        assert layer.weight.abs().max() <= bound
+        assert layer.weight.abs().max() > 0.9 * bound
+        assert torch.count_nonzero(layer.bias) == 0
+
+
+def test_torch_init_differs_and_unknown_init_fails() -> None:
+    torch.manual_seed(0)
+    dense = PaperCNN(init="torch").classifier
+    assert torch.count_nonzero(dense.bias) > 0  # PyTorch draws biases; Keras zeroes them
+    with pytest.raises(ValueError, match="'keras' or 'torch'"):
+        PaperCNN(init="glorot")
