@@ -20,8 +20,8 @@ class PaperCNN(nn.Module):
     freeze_features: train only the Dense layer (the conv stack keeps its pretrained weights), the paper's frozen-base
     transfer mode applied to its own CNN.
     init: "keras" (default) starts from the paper's framework's defaults, Glorot-uniform weights and zero biases;
-    "torch" keeps PyTorch's, whose weights are about half as large in every layer after the first, so the signal
-    shrinks through this normalisation-free stack and training starts slowly.
+    "torch" keeps PyTorch's, whose weights are 0.4-0.7x as large in every layer after the first, so the signal
+    shrinks through this normalisation-free stack and training is slower to fit.
     """
 
     def __init__(
