@@ -116,7 +116,6 @@ def run_bundle(
     bundle_dir: str | Path, config: str = "train", network: str | None = None, **overrides: Any
 ) -> list[Any]:
     """Run one bundle job in this process, with the same checks as the command line."""
-    overrides.setdefault("bundle_root", str(Path(bundle_dir).resolve()))
     return run_config_files(config_files(bundle_dir, config, network), **overrides)
 
 
