@@ -17,6 +17,7 @@ VERBS: dict[str, str] = {
     "run": "medpipe.bundle:run_command",
     "cv": "medpipe.cv:cv_command",
     "cv_report": "medpipe.cv:cv_report_command",
+    "cv_rescore": "medpipe.cv:cv_rescore_command",
     "demo": "medpipe.demo:demo_command",
     "verify": "medpipe.verify:verify_command",
     "ingest": "medpipe.dicom:ingest_command",

@@ -188,6 +188,46 @@ def cv_report_command(out: str) -> None:
     info = {}
     if previous.is_file():
         old = json.loads(previous.read_text())
-        kept = ("bundle", "network", "split_mode", "overrides", "parallel", "wall_time_s")
+        kept = ("bundle", "network", "split_mode", "overrides", "parallel", "wall_time_s", "rescored_from")
         info = {k: old[k] for k in kept if k in old}
     write_summary(out_dir, info)
+
+
+def rescore_cv(run: str, out: str, **overrides: Any) -> dict[str, Any]:
+    """Evaluate the fold models of a finished CV run again, with extra overrides (e.g. `tta=True`), into `out`.
+
+    Network, split, folds and the run's own overrides come from `<run>/cv_summary.json`, so every fold is scored on
+    exactly the images it held out, by the model trained without them.
+    """
+    run_dir, out_dir = Path(run), Path(out)
+    summary_file = run_dir / "cv_summary.json"
+    if not summary_file.is_file():
+        raise MedpipeError(f"no cv_summary.json in '{run_dir}': give the --out folder of a finished `medpipe cv` run")
+    if out_dir.resolve() == run_dir.resolve():
+        raise MedpipeError(f"--out must differ from the run folder '{run_dir}' (its own metrics would be overwritten)")
+    old = json.loads(summary_file.read_text())
+    missing = [k for k in ("bundle", "network", "split_mode", "folds") if k not in old]
+    if missing:
+        raise MedpipeError(f"{summary_file} lacks {missing}: rebuild it with `medpipe cv_report {run_dir}`")
+    bundle_dir = find_bundle(old["bundle"])
+    network = None if old["network"] == "default" else old["network"]
+    merged = {**old.get("overrides", {}), **overrides}
+    started = time.perf_counter()
+    for fold in range(old["folds"]):
+        fold_dir = out_dir / f"fold{fold}"
+        run_bundle(bundle_dir, "evaluate", network, fold=fold, num_folds=old["folds"], split_mode=old["split_mode"],
+                   ckpt_dir=str(run_dir / f"fold{fold}"), output_dir=str(fold_dir), **merged)  # fmt: skip
+    info = {
+        "bundle": old["bundle"], "network": old["network"], "split_mode": old["split_mode"], "folds": old["folds"],
+        "overrides": merged, "rescored_from": str(run_dir), "wall_time_s": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    return write_summary(out_dir, info)
+
+
+def cv_rescore_command(run: str, out: str, **overrides: Any) -> None:
+    """medpipe cv_rescore RUN_DIR --out DIR [--key value …] — score a finished CV run's fold models again.
+
+    Example: `medpipe cv_rescore results/brain_tumor_cls/paper_cnn_group --out paper_cnn_group_tta --tta true`.
+    Writes `<out>/fold<k>/{metrics.json,predictions.csv}` and `<out>/cv_summary.json` like `medpipe cv`.
+    """
+    rescore_cv(run, out, **overrides)
