@@ -209,6 +209,9 @@ def rescore_cv(run: str, out: str, **overrides: Any) -> dict[str, Any]:
     missing = [k for k in ("bundle", "network", "split_mode", "folds") if k not in old]
     if missing:
         raise MedpipeError(f"{summary_file} lacks {missing}: rebuild it with `medpipe cv_report {run_dir}`")
+    absent = [f"fold{k}/model.pt" for k in range(old["folds"]) if not (run_dir / f"fold{k}" / "model.pt").is_file()]
+    if absent:  # checked before scoring any fold, so a run with a lost model leaves no partial output
+        raise MedpipeError(f"'{run_dir}' lacks {', '.join(absent)}: only runs that kept their models can be rescored")
     bundle_dir = find_bundle(old["bundle"])
     network = None if old["network"] == "default" else old["network"]
     merged = {**old.get("overrides", {}), **overrides}

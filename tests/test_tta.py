@@ -121,3 +121,10 @@ def test_rescore_refuses_a_folder_that_is_not_a_run_or_its_own_output(tmp_path: 
         rescore_cv(str(tmp_path), str(tmp_path))
     with pytest.raises(MedpipeError, match="lacks"):
         rescore_cv(str(tmp_path), str(tmp_path / "out"))
+    summary = {"bundle": "brain_tumor_cls", "network": "paper_cnn", "split_mode": "group", "folds": 2}
+    (tmp_path / "cv_summary.json").write_text(json.dumps(summary))
+    (tmp_path / "fold0").mkdir()
+    (tmp_path / "fold0" / "model.pt").write_bytes(b"")
+    with pytest.raises(MedpipeError, match="fold1/model.pt"):
+        rescore_cv(str(tmp_path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
