@@ -85,14 +85,21 @@ def write_summary(out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def fold_overrides(
+    fold: int, folds: int, split_mode: str, ckpt_dir: Path, output_dir: Path, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """The overrides that make a bundle job work on fold `fold` of `folds`, reading/writing the given folders."""
+    return {"fold": fold, "num_folds": folds, "split_mode": split_mode, "ckpt_dir": str(ckpt_dir),
+            "output_dir": str(output_dir), **overrides}  # fmt: skip
+
+
 def run_fold(
     bundle_dir: Path, network: str | None, fold: int, folds: int, split_mode: str, out_dir: Path,
     evaluate: bool = True, **overrides: Any,
 ) -> Path:
     """Train on all folds but `fold`, then score the held-out fold, into `<out_dir>/fold<k>/`; returns that folder."""
     fold_dir = Path(out_dir) / f"fold{fold}"
-    common = {"fold": fold, "num_folds": folds, "split_mode": split_mode, "ckpt_dir": str(fold_dir),
-              "output_dir": str(fold_dir), **overrides}  # fmt: skip
+    common = fold_overrides(fold, folds, split_mode, fold_dir, fold_dir, overrides)
     run_bundle(bundle_dir, "train", network, **common)
     if evaluate:
         run_bundle(bundle_dir, "evaluate", network, **common)
@@ -217,9 +224,9 @@ def rescore_cv(run: str, out: str, **overrides: Any) -> dict[str, Any]:
     merged = {**old.get("overrides", {}), **overrides}
     started = time.perf_counter()
     for fold in range(old["folds"]):
-        fold_dir = out_dir / f"fold{fold}"
-        run_bundle(bundle_dir, "evaluate", network, fold=fold, num_folds=old["folds"], split_mode=old["split_mode"],
-                   ckpt_dir=str(run_dir / f"fold{fold}"), output_dir=str(fold_dir), **merged)  # fmt: skip
+        name = f"fold{fold}"
+        job = fold_overrides(fold, old["folds"], old["split_mode"], run_dir / name, out_dir / name, merged)
+        run_bundle(bundle_dir, "evaluate", network, **job)
     info = {
         "bundle": old["bundle"], "network": old["network"], "split_mode": old["split_mode"], "folds": old["folds"],
         "overrides": merged, "rescored_from": str(run_dir), "wall_time_s": round(time.perf_counter() - started, 1),
