@@ -18,6 +18,7 @@ VERBS: dict[str, str] = {
     "cv": "medpipe.cv:cv_command",
     "cv_report": "medpipe.cv:cv_report_command",
     "cv_rescore": "medpipe.cv:cv_rescore_command",
+    "cv_ensemble": "medpipe.cv_ensemble:cv_ensemble_command",
     "demo": "medpipe.demo:demo_command",
     "verify": "medpipe.verify:verify_command",
     "ingest": "medpipe.dicom:ingest_command",

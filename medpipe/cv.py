@@ -195,7 +195,8 @@ def cv_report_command(out: str) -> None:
     info = {}
     if previous.is_file():
         old = json.loads(previous.read_text())
-        kept = ("bundle", "network", "split_mode", "overrides", "parallel", "wall_time_s", "rescored_from")
+        kept = ("bundle", "network", "split_mode", "folds", "overrides", "parallel", "wall_time_s", "rescored_from",
+                "ensemble_of", "members", "wrong_by_every_member")
         info = {k: old[k] for k in kept if k in old}
     write_summary(out_dir, info)
 

@@ -28,22 +28,27 @@ NESTED_KEYS = ("state_dict", "model", "network", "net", "model_state_dict")  # {
 HEAD_PREFIXES = ("classifier.", "fc.", "class_layers.", "head.", "heads.", "_fc.")  # torchvision, MONAI, timm
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, unwrapped from {"model": …}-style containers; MedpipeError if it has none."""
+def read_state_dict(
+    path: str | Path, what: str = "pretrained checkpoint", hint: str = "set --pretrained_ckpt to a .pt state dict"
+) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, unwrapped from {"model": …}-style containers; MedpipeError if it has none.
+
+    what / hint: how error messages name the file and what to do when it is missing.
+    """
     path = Path(path)
     if not path.is_file():
-        raise MedpipeError(f"pretrained checkpoint '{path}' not found; set --pretrained_ckpt to a .pt state dict")
+        raise MedpipeError(f"{what} '{path}' not found; {hint}")
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "unsupported global" not in str(exc).lower():  # not a pickled class: plain garbage, not a checkpoint
-            raise MedpipeError(f"cannot read pretrained checkpoint '{path}': {str(exc).splitlines()[0]}") from exc
+            raise MedpipeError(f"cannot read {what} '{path}': {str(exc).splitlines()[0]}") from exc
         raise MedpipeError(
-            f"pretrained checkpoint '{path}' holds objects other than tensors (refused: weights_only=True); "
+            f"{what} '{path}' holds objects other than tensors (refused: weights_only=True); "
             "save model.state_dict() instead"
         ) from exc
     except Exception as exc:  # truncated zip, not a torch file at all, …
-        raise MedpipeError(f"cannot read pretrained checkpoint '{path}': {str(exc).splitlines()[0]}") from exc
+        raise MedpipeError(f"cannot read {what} '{path}': {str(exc).splitlines()[0]}") from exc
     for _ in range(3):  # unwrap at most a few levels of {"state_dict": {...}}
         if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = next((obj[k] for k in NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
@@ -51,10 +56,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 break
             obj = inner
     if not isinstance(obj, Mapping) or not obj:
-        raise MedpipeError(f"pretrained checkpoint '{path}' is not a state dict (got {type(obj).__name__})")
+        raise MedpipeError(f"{what} '{path}' is not a state dict (got {type(obj).__name__})")
     not_tensors = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise MedpipeError(f"pretrained checkpoint '{path}' is not a state dict: {not_tensors[:3]} are not tensors")
+        raise MedpipeError(f"{what} '{path}' is not a state dict: {not_tensors[:3]} are not tensors")
     return {strip_prefixes(str(k)): v for k, v in obj.items()}
 
 

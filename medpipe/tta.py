@@ -17,7 +17,7 @@ from monai.inferers import Inferer
 ACTIVATIONS = ("sigmoid", "softmax")
 
 
-def _check_activation(activation: str) -> None:
+def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got '{activation}'")
 
@@ -28,7 +28,7 @@ def mean_probability_logits(logits: Sequence[torch.Tensor], activation: str) -> 
     sigmoid: logit(mean_i p_i) = logsumexp_i log p_i - logsumexp_i log(1 - p_i), exact for any logit size.
     softmax: log(mean_i softmax_i) (channel dim 1); softmax of that is the mean again because it sums to 1.
     """
-    _check_activation(activation)
+    check_activation(activation)
     stacked = torch.stack([z.float() for z in logits])
     if activation == "sigmoid":
         log_p = torch.nn.functional.logsigmoid(stacked)
@@ -53,7 +53,7 @@ class MirrorAveragingInferer(Inferer):
         spatial_output: bool = False,
     ) -> None:
         super().__init__()
-        _check_activation(activation)  # at config time, not at the first batch
+        check_activation(activation)  # at config time, not at the first batch
         if not flip_dims or any(d >= 0 for d in flip_dims):
             raise ValueError(f"flip_dims must be negative spatial axes such as [-1], got {list(flip_dims)}")
         self.inferer = inferer
