@@ -85,6 +85,16 @@ def write_summary(out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def check_out_dir(out_dir: Path, folds: int) -> None:
+    """Refuse an --out holding another run's folds: write_summary pools every fold*/ it finds with the new ones."""
+    extra = [d.name for d in out_dir.glob("fold*/") if d.name[4:].isdigit() and int(d.name[4:]) >= folds]
+    trained = [f"{p.parent.name}/model.pt" for p in out_dir.glob("fold*/model.pt")]
+    if extra or trained:
+        raise MedpipeError(
+            f"--out '{out_dir}' already holds {(extra or trained)[0]} from another run; give a new or empty folder"
+        )
+
+
 def fold_overrides(
     fold: int, folds: int, split_mode: str, ckpt_dir: Path, output_dir: Path, overrides: dict[str, Any]
 ) -> dict[str, Any]:
@@ -220,6 +230,7 @@ def rescore_cv(run: str, out: str, **overrides: Any) -> dict[str, Any]:
     absent = [f"fold{k}/model.pt" for k in range(old["folds"]) if not (run_dir / f"fold{k}" / "model.pt").is_file()]
     if absent:  # checked before scoring any fold, so a run with a lost model leaves no partial output
         raise MedpipeError(f"'{run_dir}' lacks {', '.join(absent)}: only runs that kept their models can be rescored")
+    check_out_dir(out_dir, old["folds"])
     bundle_dir = find_bundle(old["bundle"])
     network = None if old["network"] == "default" else old["network"]
     merged = {**old.get("overrides", {}), **overrides}

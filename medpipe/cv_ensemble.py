@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from medpipe.cv import read_predictions, write_summary
+from medpipe.cv import check_out_dir, read_predictions, write_summary
 from medpipe.errors import MedpipeError
 from medpipe.files import atomic_write_text
 from medpipe.metrics import classification_report
@@ -93,6 +93,7 @@ def ensemble_cv(runs: list[str], out: str) -> dict[str, Any]:
         if len(values) > 1:
             raise MedpipeError(f"the runs differ in {key} ({sorted(values)}): ensemble runs made on the same folds")
     folds = int(summaries[0]["folds"])
+    check_out_dir(out_dir, folds)
     scored = [fold_members(run_dirs, fold) for fold in range(folds)]  # every check passes before anything is written
     wrong_by_all: list[str] = []
     for fold, (paths, labels, members, class_names) in enumerate(scored):

@@ -167,3 +167,9 @@ def test_cv_ensemble_refuses_runs_it_cannot_average(two_runs: Path, tmp_path: Pa
         assert not out.exists()  # refused before anything is written
     with pytest.raises(MedpipeError, match="must differ"):
         ensemble_cv([seed0, seed1], seed1)
+    with pytest.raises(MedpipeError, match="already holds fold0/model.pt"):  # a CV run's folder, not an output
+        ensemble_cv([seed0, seed1], split1)
+    (out / "fold7").mkdir(parents=True)  # left by a run with more folds: it would be pooled into the summary
+    with pytest.raises(MedpipeError, match="already holds fold7"):
+        ensemble_cv([seed0, seed1], str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["fold7"]

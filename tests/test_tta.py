@@ -128,3 +128,8 @@ def test_rescore_refuses_a_folder_that_is_not_a_run_or_its_own_output(tmp_path: 
     with pytest.raises(MedpipeError, match="fold1/model.pt"):
         rescore_cv(str(tmp_path), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+    (tmp_path / "fold1").mkdir()
+    (tmp_path / "fold1" / "model.pt").write_bytes(b"")
+    (tmp_path / "out" / "fold2").mkdir(parents=True)  # another run's third fold would be pooled into the summary
+    with pytest.raises(MedpipeError, match="already holds fold2"):
+        rescore_cv(str(tmp_path), str(tmp_path / "out"))
