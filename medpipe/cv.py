@@ -85,6 +85,18 @@ def write_summary(out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def read_run_summary(run_dir: Path, required: tuple[str, ...] = ("folds",)) -> dict[str, Any]:
+    """`<run_dir>/cv_summary.json` of a finished `medpipe cv` run; MedpipeError if absent or lacking `required` keys."""
+    summary_file = run_dir / "cv_summary.json"
+    if not summary_file.is_file():
+        raise MedpipeError(f"no cv_summary.json in '{run_dir}': give the --out folder of a finished `medpipe cv` run")
+    summary = json.loads(summary_file.read_text())
+    missing = [k for k in required if k not in summary]
+    if missing:
+        raise MedpipeError(f"{summary_file} lacks {missing}: rebuild it with `medpipe cv_report {run_dir}`")
+    return summary
+
+
 def check_out_dir(out_dir: Path, folds: int) -> None:
     """Refuse an --out holding another run's folds: write_summary pools every fold*/ it finds with the new ones."""
     extra = [d.name for d in out_dir.glob("fold*/") if d.name[4:].isdigit() and int(d.name[4:]) >= folds]
@@ -218,15 +230,9 @@ def rescore_cv(run: str, out: str, **overrides: Any) -> dict[str, Any]:
     exactly the images it held out, by the model trained without them.
     """
     run_dir, out_dir = Path(run), Path(out)
-    summary_file = run_dir / "cv_summary.json"
-    if not summary_file.is_file():
-        raise MedpipeError(f"no cv_summary.json in '{run_dir}': give the --out folder of a finished `medpipe cv` run")
     if out_dir.resolve() == run_dir.resolve():
         raise MedpipeError(f"--out must differ from the run folder '{run_dir}' (its own metrics would be overwritten)")
-    old = json.loads(summary_file.read_text())
-    missing = [k for k in ("bundle", "network", "split_mode", "folds") if k not in old]
-    if missing:
-        raise MedpipeError(f"{summary_file} lacks {missing}: rebuild it with `medpipe cv_report {run_dir}`")
+    old = read_run_summary(run_dir, ("bundle", "network", "split_mode", "folds"))
     absent = [f"fold{k}/model.pt" for k in range(old["folds"]) if not (run_dir / f"fold{k}" / "model.pt").is_file()]
     if absent:  # checked before scoring any fold, so a run with a lost model leaves no partial output
         raise MedpipeError(f"'{run_dir}' lacks {', '.join(absent)}: only runs that kept their models can be rescored")

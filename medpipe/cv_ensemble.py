@@ -9,28 +9,17 @@ different images are refused: averaging them would mix in models that trained on
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medpipe.cv import check_out_dir, read_predictions, write_summary
+from medpipe.cv import check_out_dir, read_predictions, read_run_summary, write_summary
 from medpipe.errors import MedpipeError
 from medpipe.files import atomic_write_text
+from medpipe.handlers import predictions_csv
 from medpipe.metrics import classification_report
-
-
-def _run_summary(run_dir: Path) -> dict[str, Any]:
-    summary_file = run_dir / "cv_summary.json"
-    if not summary_file.is_file():
-        raise MedpipeError(f"no cv_summary.json in '{run_dir}': give the --out folders of finished `medpipe cv` runs")
-    summary = json.loads(summary_file.read_text())
-    if "folds" not in summary:
-        raise MedpipeError(f"{summary_file} lacks 'folds': rebuild it with `medpipe cv_report {run_dir}`")
-    return summary
 
 
 def _fold_rows(run_dir: Path, fold: int) -> tuple[dict[str, dict[str, str]], list[str]]:
@@ -52,7 +41,7 @@ def fold_members(run_dirs: list[Path], fold: int) -> tuple[list[str], list[int],
     first, class_names = _fold_rows(run_dirs[0], fold)
     probs = []
     for run_dir in run_dirs:
-        rows, names = _fold_rows(run_dir, fold)
+        rows, names = _fold_rows(run_dir, fold) if run_dir is not run_dirs[0] else (first, class_names)
         if names != class_names:
             raise MedpipeError(f"'{run_dir}' scores classes {names}, '{run_dirs[0]}' {class_names}")
         if set(rows) != set(first):
@@ -69,15 +58,6 @@ def fold_members(run_dirs: list[Path], fold: int) -> tuple[list[str], list[int],
     return paths, labels, np.asarray(probs), class_names
 
 
-def _predictions_csv(paths: list[str], labels: list[int], probs: np.ndarray, class_names: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["path"] + [f"prob_{c}" for c in class_names] + ["predicted", "label"])
-    for path, label, p in zip(paths, labels, probs, strict=True):
-        writer.writerow([path] + [f"{v:.6f}" for v in p] + [class_names[int(np.argmax(p))], class_names[label]])
-    return buf.getvalue()
-
-
 def ensemble_cv(runs: list[str], out: str) -> dict[str, Any]:
     """Average the out-of-fold probabilities of `runs` fold by fold into `out` (predictions, metrics, cv_summary)."""
     run_dirs, out_dir = [Path(r) for r in runs], Path(out)
@@ -87,7 +67,7 @@ def ensemble_cv(runs: list[str], out: str) -> dict[str, Any]:
         raise MedpipeError("a run is given twice: it would count double in the average")
     if out_dir.resolve() in {d.resolve() for d in run_dirs}:
         raise MedpipeError(f"--out must differ from every run folder ('{out_dir}' is one of them)")
-    summaries = [_run_summary(d) for d in run_dirs]
+    summaries = [read_run_summary(d) for d in run_dirs]
     for key in ("folds", "split_mode"):
         values = {str(s.get(key)) for s in summaries}
         if len(values) > 1:
@@ -103,7 +83,7 @@ def ensemble_cv(runs: list[str], out: str) -> dict[str, Any]:
         wrong_by_all += [p for p, w in zip(paths, wrong.all(axis=0), strict=True) if w]
         fold_dir = out_dir / f"fold{fold}"
         fold_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(fold_dir / "predictions.csv", _predictions_csv(paths, labels, probs, class_names))
+        atomic_write_text(fold_dir / "predictions.csv", predictions_csv(paths, probs, class_names, labels))
         report = {"fold": fold, "ensemble_of": [str(d / f"fold{fold}") for d in run_dirs],
                   **classification_report(labels, probs, class_names)}  # fmt: skip
         atomic_write_text(fold_dir / "metrics.json", json.dumps(report, indent=2))

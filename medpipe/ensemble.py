@@ -29,8 +29,7 @@ def checkpoint_list(value: str | Sequence[str] | None) -> list[str]:
     if value is None:
         return []
     items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
-    paths = [p.strip() for p in items if p.strip() and p.strip().lower() not in ("none", "null")]
-    return paths
+    return [p.strip() for p in items if p.strip() and p.strip().lower() not in ("none", "null")]
 
 
 def load_member(network: nn.Module, path: str | Path) -> nn.Module:

@@ -24,6 +24,26 @@ def _as_list(x: Any) -> list:
     return x if isinstance(x, list) else [x]
 
 
+def predictions_csv(
+    paths: Sequence[str],
+    probs: Sequence[Sequence[float]] | np.ndarray,
+    class_names: Sequence[str],
+    labels: Sequence[int] | None = None,
+    extra_header: Sequence[str] = (),
+    extra_cells: Sequence[Sequence[str]] | None = None,
+) -> str:
+    """predictions.csv text: path, prob_<class>…, predicted (argmax), extra columns, then label when known."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    header = ["path"] + [f"prob_{c}" for c in class_names] + ["predicted"] + list(extra_header)
+    writer.writerow(header + (["label"] if labels is not None else []))
+    for i, (path, p) in enumerate(zip(paths, probs, strict=True)):
+        row = [path] + [f"{v:.6f}" for v in p] + [class_names[int(np.argmax(p))]]
+        row += list(extra_cells[i]) if extra_cells is not None else []
+        writer.writerow(row + ([class_names[labels[i]]] if labels is not None else []))
+    return buf.getvalue()
+
+
 def _probabilities(pred: torch.Tensor) -> np.ndarray:
     """(C,) class probabilities from a post-processed prediction; one sigmoid output means P(class 1)."""
     p = torch.as_tensor(pred).detach().float().cpu().reshape(-1).numpy()
@@ -92,15 +112,10 @@ class ClassificationReport(EpochCollector):
         return str(item[self.path_key]), _probabilities(out[self.pred_key]), label
 
     def _predictions_csv(self) -> str:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        header = ["path"] + [f"prob_{c}" for c in self.class_names] + ["predicted"] + self._extra_header()
-        writer.writerow(header + (["label"] if self.with_labels else []))
-        for i, (path, probs, label) in enumerate(self.records):
-            row = [path] + [f"{p:.6f}" for p in probs] + [self.class_names[int(np.argmax(probs))]]
-            row += self._extra_cells(i)
-            writer.writerow(row + ([self.class_names[label]] if label is not None else []))
-        return buf.getvalue()
+        paths, probs = [r[0] for r in self.records], [r[1] for r in self.records]
+        labels = [r[2] for r in self.records] if self.with_labels else None
+        extra = [self._extra_cells(i) for i in range(len(self.records))]
+        return predictions_csv(paths, probs, self.class_names, labels, self._extra_header(), extra)
 
     def _extra_header(self) -> list[str]:
         """Columns a subclass adds after `predicted` (none here)."""
