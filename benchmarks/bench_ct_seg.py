@@ -46,9 +46,9 @@ def bundle_network(image_size: int, ckpt: str | None) -> torch.nn.Module:
 
 
 def bench_volume(series: Path, ckpt: str | None, image_size: int) -> None:
-    from medpipe import ct
-    from medpipe.engine import AutocastInferer
-    from medpipe.seg_volume import check_axial_ct, ct_to_model_slices, predict_slices
+    from medpipe.inference.ct_volume import check_axial_ct, ct_to_model_slices, predict_slices
+    from medpipe.inferers.autocast import AutocastInferer
+    from medpipe.io import ct, dicom_seg
 
     t_load, volume = timed(lambda: ct.load_volume(series))
     check_axial_ct(volume, str(series))
@@ -76,7 +76,9 @@ def bench_volume(series: Path, ckpt: str | None, image_size: int) -> None:
     t_back, mask = timed(lambda: ct.reassemble(list(outputs[best]), volume.array.shape, volume.affine))
     with tempfile.TemporaryDirectory() as tmp:
         t_nii, _ = timed(lambda: ct.write_mask_nifti(mask, volume.affine, Path(tmp) / "seg.nii.gz"))
-        t_seg, _ = timed(lambda: ct.write_dicom_seg(mask, volume, Path(tmp) / "seg.dcm", {1: "lung", 2: "infection"}))
+        t_seg, _ = timed(
+            lambda: dicom_seg.write_dicom_seg(mask, volume, Path(tmp) / "seg.dcm", {1: "lung", 2: "infection"})
+        )
     masks = t_load + t_pre + times[best] + t_back
     print(f"  reassemble to {volume.array.shape[:2]} {t_back:.2f} s, NIfTI {t_nii:.2f} s, DICOM-SEG {t_seg:.2f} s")
     print(f"series -> masks ({best}): {masks:.2f} s (target <= 10 s); with NIfTI + DICOM-SEG files "

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cxr.py [--network densenet121|efficientnet_lite0] [--size 224] [--batch 16] [--steps 4]
 
-Uses the bundle's own network definition (train.json + net overlay) and medpipe.engine's AutocastInferer, on random
+Uses the bundle's own network definition (train.json + net overlay) and its AutocastInferer, on random
 (1, size, size) inputs, so only the arithmetic is timed (no image decoding). Modes alternate after one warm-up step
 each. Target: channels_last + bf16 ≥ 2x fp32 training images/s. bf16 autocast only pays on CPUs with native bf16
 (AVX512-BF16 / AMX) or on GPUs; elsewhere it is emulated and slower, and the script prints what it measured.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from medpipe.bundle import config_files
-from medpipe.engine import AutocastInferer, prepare_network
+from medpipe.bundle.config import config_files
+from medpipe.inferers.autocast import AutocastInferer, prepare_network
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "covid_cxr_cls"
 MODES = {"fp32": ("fp32", False), "channels_last": ("fp32", True), "channels_last+bf16": ("bf16", True)}

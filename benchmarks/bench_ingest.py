@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medpipe import dicom
+from medpipe.io import dicom, ingest
 
 DEFAULT = Path(os.environ.get("MEDPIPE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 DEFAULT_FOLDER = DEFAULT / "dicom" / "rider_pilot_chest_ct_0117"
@@ -45,7 +45,7 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="bench_ingest_"))
     runs: dict[str, Callable[[], object]] = {
         "medpipe load": lambda: dicom.load_series(args.folder),
-        "medpipe ingest (+ write .nii.gz)": lambda: dicom.ingest(args.folder, out),
+        "medpipe ingest (+ write .nii.gz)": lambda: ingest.ingest(args.folder, out),
         "monai LoadImage(ITKReader)": lambda: itk_load(str(args.folder)),
     }
     mine, reference = runs["medpipe load"](), runs["monai LoadImage(ITKReader)"]()  # warm-up, and a sanity check

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medpipe.data import scan_class_folders
-from medpipe.demo import make_synthetic_set
-from medpipe.engine import AutocastInferer
-from medpipe.imageio import load_grey_2d
-from medpipe.nets import PaperCNN
+from medpipe.data.datalists import scan_class_folders
+from medpipe.data.synthetic import make_synthetic_set
+from medpipe.inferers.autocast import AutocastInferer
+from medpipe.io.images import load_grey_2d
+from medpipe.nets.paper_cnn import PaperCNN
 
 BATCH, SIZE = 16, 128
 
@@ -125,7 +125,7 @@ def keras_images_per_s(x: np.ndarray, y: np.ndarray, steps: int, python: str) ->
 
 
 def fold0_accuracy(precision: str, channels_last: bool, out: Path) -> dict:
-    from medpipe.bundle import find_bundle, run_bundle
+    from medpipe.bundle.config import find_bundle, run_bundle
 
     common = {"fold": 0, "ckpt_dir": str(out), "output_dir": str(out), "precision": precision,
               "channels_last": channels_last}  # fmt: skip
@@ -175,7 +175,7 @@ def main() -> None:
         print(f"fold-0 accuracy: fp32 {base['value']:.3f} (95% CI {base['ci95'][0]:.3f}-{base['ci95'][1]:.3f}), "
               f"{best[0]}/channels_last={best[1]} {fast['value']:.3f}: {'inside' if inside else 'OUTSIDE'} fp32's CI")
     if args.cv:
-        from medpipe.cv import run_cv
+        from medpipe.evaluation.cv import run_cv
 
         # the held-out fold is scored once, by the evaluate job: no per-epoch validation on it during CV
         overrides = {"val_interval": 1000}

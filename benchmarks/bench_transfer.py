@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from medpipe.nets import EfficientNetLite0
+from medpipe.nets.efficientnet_lite0 import EfficientNetLite0
 
 
 def train_step_fn(
@@ -79,8 +79,8 @@ def time_to_floor(image_size: int, floor: float, epochs: int, precision: str, lr
     from monai.data import CacheDataset, DataLoader
     from monai.transforms import Compose, RandAffined, RandFlipd, Resized
 
-    from medpipe.data import class_folder_datalists, dataset_dir
-    from medpipe.imageio import LoadGrey2Dd
+    from medpipe.data.datalists import class_folder_datalists, dataset_dir
+    from medpipe.io.images import LoadGrey2Dd
 
     torch.manual_seed(0)
     lists = class_folder_datalists(dataset_dir("brain_mri_yes_no"), ["no", "yes"], fold=0, num_folds=5, seed=0)

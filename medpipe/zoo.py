@@ -5,8 +5,7 @@ models/model.ts (TorchScript) and large_files.yml (sha256 of each weight file). 
 maps `<name>_v<version>` to the zip, its sha256 and the MONAI/PyTorch versions it was made with (the MONAI model
 zoo's index, with sha256). `install` trusts nothing it downloads: it checks the zip's sha256 against the index,
 refuses absolute paths, `..` and links in the archive, checks each weight's sha256 and the versions, and loads the
-weights with `weights_only=True`.
-"""
+weights with `weights_only=True`."""
 
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ import re
 import shutil
 import stat
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,6 +37,8 @@ WEIGHTS = ("models/model.pt", "models/model.ts")
 MAX_ARCHIVE_BYTES = 4 << 30  # refuse zip bombs and runaway downloads
 MAX_MEMBERS = 10_000
 ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed member timestamps: the same inputs give the same zip and sha256
+
+
 
 
 def default_install_dir() -> Path:
@@ -78,14 +78,11 @@ def _major_minor(version: str) -> tuple[int, int]:
     return (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0) if parts else (0, 0)
 
 
-# ---------------------------------------------------------------- package / index
-
-
 def _network(bundle_dir: Path, network: str | None, overrides: dict[str, Any]) -> tuple[torch.nn.Module, torch.Tensor]:
     """The bundle's bare network and a one-case example input (channels and spatial size from the config/metadata)."""
     from monai.bundle import ConfigParser
 
-    from medpipe.bundle import check_override_keys, config_files
+    from medpipe.bundle.config import check_override_keys, config_files
 
     files = config_files(bundle_dir, "train", network)
     check_override_keys(files, list(overrides))
@@ -123,7 +120,7 @@ def package(
     """
     import yaml
 
-    from medpipe.bundle import find_bundle
+    from medpipe.bundle.config import find_bundle
 
     bundle_dir = find_bundle(bundle)
     name, meta = bundle_dir.resolve().name, json.loads((bundle_dir / "configs" / "metadata.json").read_text())
@@ -208,9 +205,6 @@ def index(folder: str) -> Path:
     path = atomic_write_text(root / INDEX_FILE, json.dumps(entries, indent=2, sort_keys=True))
     print(f"indexed {len(entries)} package(s) in {path}")
     return path
-
-
-# ---------------------------------------------------------------- install
 
 
 def _is_url(location: str) -> bool:
@@ -319,7 +313,7 @@ def check_versions(meta: dict[str, Any]) -> None:
             )
 
 
-def verify_bundle(bundle_dir: Path) -> None:
+def check_installed_bundle(bundle_dir: Path) -> None:
     """Each weight file matches large_files.yml's sha256, and model.pt loads as plain tensors (weights_only)."""
     import yaml
 
@@ -368,23 +362,10 @@ def install(
             raise MedpipeError(f"package says version {meta.get('version')}, the index {entry['version']}; refusing it")
         if not ignore_versions:
             check_versions(meta)
-        verify_bundle(unpacked)
+        check_installed_bundle(unpacked)
         if final.exists():
             old = Path(tmp) / "replaced"
             os.replace(final, old)
         os.replace(unpacked, final)
     print(f"installed {name} {entry['version']} to {final}")
     return final
-
-
-def zoo_command(action: str, *args: Any, **kwargs: Any) -> None:
-    """medpipe zoo package BUNDLE [--out_dir dist] [--ckpt PATH] [--network NAME] [--key value …]
-    medpipe zoo index FOLDER
-    medpipe zoo install NAME[==VERSION] --index FOLDER_OR_URL [--dest DIR] [--overwrite] [--ignore_versions]
-    """
-    actions = {"package": package, "index": index, "install": install}
-    if action not in actions:
-        raise MedpipeError(f"medpipe zoo: unknown action '{action}'; use one of {sorted(actions)}")
-    started = time.time()
-    actions[action](*args, **kwargs)
-    logger.info(f"zoo {action} took {time.time() - started:.1f}s")

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from medpipe.bundle import run_bundle
-from medpipe.demo import make_synthetic_set
+from medpipe.bundle.config import run_bundle
+from medpipe.data.synthetic import make_synthetic_set
 from medpipe.errors import find_medpipe_error
 
 BUNDLE = REPO / "bundles" / "brain_tumor_cls"

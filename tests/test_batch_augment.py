@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medpipe.batch_augment import BatchAugment
+from medpipe.transforms.batch_augment import BatchAugment
 
 OFF = {"flip_prob": 0.0, "affine_prob": 0.0, "gamma_prob": 0.0}
 
@@ -124,7 +124,7 @@ def test_augment_on_batch_switches_the_trainer_and_the_loader(bundle: str) -> No
     from monai.bundle import ConfigParser
     from monai.engines import default_prepare_batch
 
-    from medpipe.bundle import find_bundle
+    from medpipe.bundle.config import find_bundle
 
     def parsed(on: bool) -> tuple[object, list[str]]:
         parser = ConfigParser()
@@ -146,7 +146,7 @@ def test_augment_on_batch_switches_the_trainer_and_the_loader(bundle: str) -> No
 
 def test_ct_training_runs_with_batch_augmentation(tmp_path: Path) -> None:
     from conftest import real_dataset
-    from medpipe.bundle import find_bundle, run_bundle
+    from medpipe.bundle.config import find_bundle, run_bundle
 
     data = real_dataset("covid_ct_seg")
     run_bundle(find_bundle("covid_ct_seg"), "train", dataset_dir=str(data), ckpt_dir=str(tmp_path), epochs=1,

@@ -13,7 +13,7 @@ import pytest
 from monai.bundle import verify_metadata, verify_net_in_out
 
 from conftest import BUNDLES, REPO, real_dataset
-from medpipe.bundle import run_bundle
+from medpipe.bundle.config import run_bundle
 
 SCHEMA = REPO / "medpipe" / "schemas" / "meta_schema.json"
 REQUIRED_FILES = [
@@ -98,7 +98,7 @@ def test_train_evaluate_inference_run(bundle: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
 def test_medpipe_verify_command(bundle: Path) -> None:
-    from medpipe.verify import verify_bundle
+    from medpipe.bundle.verify import verify_bundle
 
     passed = verify_bundle(bundle)
     assert passed[0].startswith("metadata") and len(passed) == 1 + len(_meta(bundle)["medpipe"]["networks"])

@@ -13,8 +13,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medpipe import ct, dicom
 from medpipe.errors import MedpipeError
+from medpipe.io import ct, dicom, dicom_seg, ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDPIPE_DATA") or ROOT.parent / "shared" / "data")
@@ -116,7 +116,7 @@ def test_reassemble_rejects_wrong_slice_count(volume: dicom.Volume) -> None:
 
 
 def test_nifti_and_dicom_load_the_same(volume: dicom.Volume, tmp_path: Path) -> None:
-    summary = dicom.ingest(RIDER, tmp_path)
+    summary = ingest.ingest(RIDER, tmp_path)
     from_nifti = ct.load_volume(tmp_path / summary["ingested"][0]["nifti"])
     np.testing.assert_array_equal(from_nifti.array, volume.array)
     np.testing.assert_allclose(from_nifti.affine, volume.affine, atol=1e-5)
@@ -150,7 +150,7 @@ def test_write_mask_nifti_round_trip(volume: dicom.Volume, tmp_path: Path) -> No
 
 def test_dicom_seg_references_the_source_series_and_loads_back(volume: dicom.Volume, tmp_path: Path) -> None:
     mask = blob_mask(volume.array.shape)
-    path = ct.write_dicom_seg(mask, volume, tmp_path / "mask.seg.dcm", labels={1: "lung", 2: "lesion"})
+    path = dicom_seg.write_dicom_seg(mask, volume, tmp_path / "mask.seg.dcm", labels={1: "lung", 2: "lesion"})
     seg = hd.seg.segread(path)
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in volume.source_files]
     assert seg.Modality == "SEG"
@@ -169,7 +169,7 @@ def test_dicom_seg_skips_filled_gap_slices(tmp_path: Path) -> None:
     gappy = dicom.load_series(tmp_path / "ct2", on_gap="warn")  # 4 real slices in a 165-slice grid
     mask = np.zeros(gappy.array.shape, dtype=np.uint8)
     mask[4:8, 4:8, -3:] = 1
-    seg = hd.seg.segread(ct.write_dicom_seg(mask, gappy, tmp_path / "seg.dcm", labels={1: "box"}))
+    seg = hd.seg.segread(dicom_seg.write_dicom_seg(mask, gappy, tmp_path / "seg.dcm", labels={1: "box"}))
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 4
     assert seg.NumberOfFrames == 3
 
@@ -178,7 +178,7 @@ def test_dicom_seg_needs_dicom_source_and_named_labels(volume: dicom.Volume, tmp
     mask = blob_mask(volume.array.shape)
     from_nifti = dicom.Volume(volume.array, volume.affine)
     with pytest.raises(MedpipeError, match="no source DICOM"):
-        ct.write_dicom_seg(mask, from_nifti, tmp_path / "seg.dcm", labels={1: "a", 2: "b"})
+        dicom_seg.write_dicom_seg(mask, from_nifti, tmp_path / "seg.dcm", labels={1: "a", 2: "b"})
     with pytest.raises(MedpipeError, match=r"label\(s\) \[2\]"):
-        ct.write_dicom_seg(mask, volume, tmp_path / "seg.dcm", labels={1: "a"})
+        dicom_seg.write_dicom_seg(mask, volume, tmp_path / "seg.dcm", labels={1: "a"})
     assert list(tmp_path.iterdir()) == []

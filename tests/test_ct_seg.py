@@ -17,14 +17,21 @@ import torch
 from PIL import Image
 
 from conftest import REPO, real_dataset
-from medpipe import ct
-from medpipe.bundle import run_bundle
-from medpipe.data import read_seg_datalist, seg_datalists
-from medpipe.dicom import Volume
+from medpipe.bundle.config import run_bundle
+from medpipe.data.datalists import read_seg_datalist, seg_datalists
 from medpipe.errors import MedpipeError
-from medpipe.metrics import bootstrap_mean_ci, dice_score, hd95_from_distances, segmentation_report, surface_distances
-from medpipe.seg import LoadSegSliced, clahe, slice_statistics
-from medpipe.seg_volume import VolumeSegmenter, check_axial_ct, keep_lung_components
+from medpipe.evaluation.metrics import (
+    bootstrap_mean_ci,
+    dice_score,
+    hd95_from_distances,
+    segmentation_report,
+    surface_distances,
+)
+from medpipe.evaluation.seg_report import slice_statistics
+from medpipe.inference.ct_volume import VolumeSegmenter, check_axial_ct, keep_lung_components
+from medpipe.io import ct
+from medpipe.io.dicom import Volume
+from medpipe.transforms.seg import LoadSegSliced, clahe
 
 BUNDLE = REPO / "bundles" / "covid_ct_seg"
 STRUCTURES = {"lung": [1, 2], "infection": [2]}
@@ -76,7 +83,7 @@ def test_segmentation_report_pools_slices_per_volume() -> None:
 
 
 def test_cv_summary_pools_the_held_out_volumes_of_every_fold(tmp_path: Path) -> None:
-    from medpipe.seg import _rows_csv, summarize_cv
+    from medpipe.evaluation.seg_report import _rows_csv, summarize_cv
 
     for fold, (group, dice) in enumerate([("a", 0.8), ("b", 0.6)]):
         rows = [{"path": f"{group}{i}", "volume_group": group, "dice_lung": dice, "hd95_lung": 2.0} for i in range(3)]

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medpipe.cv import cv_report_command, write_summary
+from medpipe.cli.commands import cv_report_command
 from medpipe.errors import MedpipeError
-from medpipe.metrics import classification_report
+from medpipe.evaluation.cv import write_summary
+from medpipe.evaluation.metrics import classification_report
 
 
 def _fold(folder: Path, labels: list[int], probs: list[float]) -> None:
@@ -45,8 +46,8 @@ def test_summary_without_folds_is_an_error(tmp_path: Path) -> None:
 
 
 def test_parallel_folds_write_every_fold_and_the_summary(tmp_path: Path) -> None:
-    from medpipe.cv import run_cv
-    from medpipe.demo import make_synthetic_set
+    from medpipe.data.synthetic import make_synthetic_set
+    from medpipe.evaluation.cv import run_cv
 
     data = make_synthetic_set(tmp_path / "data", per_class=6, size=64)
     summary = run_cv("brain_tumor_cls", "paper_cnn", 2, "group", str(tmp_path / "cv"), parallel=2,
@@ -57,7 +58,7 @@ def test_parallel_folds_write_every_fold_and_the_summary(tmp_path: Path) -> None
 
 
 def test_a_failing_fold_in_a_worker_process_fails_the_cv(tmp_path: Path) -> None:
-    from medpipe.cv import run_cv
+    from medpipe.evaluation.cv import run_cv
 
     with pytest.raises(MedpipeError, match="missing_folder"):
         run_cv("brain_tumor_cls", "paper_cnn", 2, "group", str(tmp_path / "cv"), parallel=2,

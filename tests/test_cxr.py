@@ -11,11 +11,12 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, real_dataset
-from medpipe.bundle import run_bundle
-from medpipe.cxr import pooled_report, source_aware_report, source_controlled_auc, task_spec
-from medpipe.data import class_weights, labels_csv_datalists, read_labels_csv
+from medpipe.bundle.config import run_bundle
+from medpipe.data.datalists import class_weights, labels_csv_datalists, read_labels_csv
 from medpipe.errors import MedpipeError, find_medpipe_error
-from medpipe.imageio import load_grey_2d
+from medpipe.evaluation.source_reports import pooled_source_report
+from medpipe.evaluation.source_reports import source_aware_report, source_controlled_auc, task_spec
+from medpipe.io.images import load_grey_2d
 
 BUNDLE = REPO / "bundles" / "covid_cxr_cls"
 THREE = ["covid19", "pneumonia", "normal"]
@@ -163,7 +164,7 @@ def test_pooled_report_reads_fold_predictions(tmp_path: Path) -> None:
             for i, (finding, source, p) in enumerate(cases):
                 writer.writerow([f"f{fold}_{i}", *p, finding, source, finding, finding])
         files.append(path)
-    report = pooled_report(files, n_boot=50)
+    report = pooled_source_report(files, n_boot=50)
     assert report["n"] == 8 and report["metrics"]["accuracy"]["value"] == 1.0
     assert report["source_controlled"]["roc_auc"]["value"] == 1.0
 

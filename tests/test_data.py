@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from medpipe.data import cap_items, inference_items, scan_class_folders, split_items
-from medpipe.demo import make_synthetic_set
+from medpipe.data.datalists import cap_items, inference_items, scan_class_folders
+from medpipe.data.splits import split_items
+from medpipe.data.synthetic import make_synthetic_set
 from medpipe.errors import MedpipeError
 
 

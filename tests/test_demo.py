@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from medpipe.demo import demo_command
+from medpipe.cli.commands import demo_command
 
 
 def test_demo_without_data_is_loudly_synthetic_and_writes_its_files(

@@ -21,8 +21,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medpipe import dicom
 from medpipe.errors import MedpipeError
+from medpipe.io import dicom, ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDPIPE_DATA") or ROOT.parent / "shared" / "data")
@@ -43,7 +43,7 @@ def rider_files() -> list[Path]:
 def ingested(rider_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """`ingest` of the whole real series, once for the module."""
     out = tmp_path_factory.mktemp("ingest")
-    return out, dicom.ingest(RIDER, out)
+    return out, ingest.ingest(RIDER, out)
 
 
 def copy_slices(files: list[Path], folder: Path, names: list[str] | None = None) -> list[Path]:
@@ -227,8 +227,8 @@ def test_missing_slice_with_warn_fills_the_gap(
     rider_files: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     copy_slices(rider_files[:4] + rider_files[5:8], tmp_path / "in")
-    with caplog.at_level(logging.WARNING, logger="medpipe.dicom"):
-        summary = dicom.ingest(tmp_path / "in", tmp_path / "out", on_gap="warn")
+    with caplog.at_level(logging.WARNING, logger="medpipe.io.dicom"):
+        summary = ingest.ingest(tmp_path / "in", tmp_path / "out", on_gap="warn")
     assert any("missing slice" in r.getMessage() for r in caplog.records)
     (item,) = summary["ingested"]
     assert item["warnings"] and "missing slice" in item["warnings"][0]
@@ -250,7 +250,7 @@ def test_exact_duplicate_file_is_dropped_with_a_warning(
 ) -> None:
     copy_slices(rider_files[:5], tmp_path / "s")
     shutil.copyfile(rider_files[2], tmp_path / "s" / "copy_of_3.dcm")
-    with caplog.at_level(logging.WARNING, logger="medpipe.dicom"):
+    with caplog.at_level(logging.WARNING, logger="medpipe.io.dicom"):
         volume = dicom.load_series(tmp_path / "s")
     assert volume.array.shape == (512, 512, 5)
     assert any("copy_of_3.dcm" in r.getMessage() or "1-003.dcm" in r.getMessage() for r in caplog.records)
@@ -273,7 +273,7 @@ def test_two_series_in_one_folder_are_both_found(rider_files: list[Path], tmp_pa
         edit(f, SeriesInstanceUID=uid, SeriesNumber=5)
     scan = dicom.find_series(tmp_path / "in")
     assert sorted(len(s.files) for s in scan.series) == [4, 6]
-    summary = dicom.ingest(tmp_path / "in", tmp_path / "out")
+    summary = ingest.ingest(tmp_path / "in", tmp_path / "out")
     shapes = sorted(nib.load(tmp_path / "out" / i["nifti"]).shape for i in summary["ingested"])
     assert shapes == [(512, 512, 4), (512, 512, 6)]
 
@@ -283,7 +283,7 @@ def test_truncated_file_is_an_error_and_nothing_is_written(rider_files: list[Pat
     raw = copies[2].read_bytes()
     copies[2].write_bytes(raw[: len(raw) // 2])
     with pytest.raises(MedpipeError, match=r"truncated") as err:
-        dicom.ingest(tmp_path / "in", tmp_path / "out")
+        ingest.ingest(tmp_path / "in", tmp_path / "out")
     assert str(copies[2]) in str(err.value)
     assert niftis(tmp_path / "out") == []
 
@@ -297,8 +297,8 @@ def test_non_dicom_files_are_skipped_with_a_warning(
     (tmp_path / "in" / "sub" / "blob.dcm").write_bytes(os.urandom(4096))
     shutil.copyfile(get_testdata_file("test-SR.dcm"), tmp_path / "in" / "sub" / "report.dcm")
     shutil.copyfile(get_testdata_file("rtdose.dcm"), tmp_path / "in" / "sub" / "dose.dcm")
-    with caplog.at_level(logging.WARNING, logger="medpipe.dicom"):
-        summary = dicom.ingest(tmp_path / "in", tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="medpipe.io.dicom"):
+        summary = ingest.ingest(tmp_path / "in", tmp_path / "out")
     assert len(summary["ingested"]) == 1
     reasons = {Path(s["path"]).name: s["reason"] for s in summary["skipped"]}
     assert reasons["notes.txt"] == reasons["blob.dcm"] == "not a DICOM file"
@@ -345,14 +345,14 @@ def test_uneven_spacing_is_an_error(rider_files: list[Path], tmp_path: Path) -> 
 
 def test_empty_or_missing_folder_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(MedpipeError, match=r"empty folder"):
-        dicom.ingest(tmp_path, tmp_path / "out")
+        ingest.ingest(tmp_path, tmp_path / "out")
     with pytest.raises(MedpipeError, match=r"not a directory"):
-        dicom.ingest(tmp_path / "nope", tmp_path / "out")
+        ingest.ingest(tmp_path / "nope", tmp_path / "out")
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(MedpipeError, match=r"no valid DICOM image series among 1 file"):
-        dicom.ingest(tmp_path, tmp_path / "out")
+        ingest.ingest(tmp_path, tmp_path / "out")
     with pytest.raises(MedpipeError, match=r"on_gap='maybe'"):
-        dicom.ingest(tmp_path, tmp_path / "out", on_gap="maybe")
+        ingest.ingest(tmp_path, tmp_path / "out", on_gap="maybe")
 
 
 def test_skip_invalid_keeps_the_valid_series(rider_files: list[Path], tmp_path: Path) -> None:
@@ -362,9 +362,9 @@ def test_skip_invalid_keeps_the_valid_series(rider_files: list[Path], tmp_path: 
         edit(f, SeriesInstanceUID="1.2.3.4")
     edit(bad[1], ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
     with pytest.raises(MedpipeError):
-        dicom.ingest(tmp_path / "in", tmp_path / "out")
+        ingest.ingest(tmp_path / "in", tmp_path / "out")
     assert niftis(tmp_path / "out") == []
-    summary = dicom.ingest(tmp_path / "in", tmp_path / "out", skip_invalid=True)
+    summary = ingest.ingest(tmp_path / "in", tmp_path / "out", skip_invalid=True)
     assert len(summary["ingested"]) == 1 and summary["ingested"][0]["source"].endswith("good")
     assert any("ImageOrientationPatient" in s["reason"] for s in summary["skipped"])
 
@@ -380,7 +380,7 @@ def test_failed_write_leaves_no_partial_file(
 
     monkeypatch.setattr(nib, "save", half_write)
     with pytest.raises(OSError, match="disk full"):
-        dicom.ingest(tmp_path / "in", tmp_path / "out")
+        ingest.ingest(tmp_path / "in", tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -390,7 +390,7 @@ def test_failed_write_leaves_no_partial_file(
 def test_single_slice_ct_small(tmp_path: Path) -> None:
     path = Path(get_testdata_file("CT_small.dcm"))
     copy_slices([path], tmp_path / "in")
-    summary = dicom.ingest(tmp_path / "in", tmp_path / "out", date_shift_days=-10)
+    summary = ingest.ingest(tmp_path / "in", tmp_path / "out", date_shift_days=-10)
     (item,) = summary["ingested"]
     image = nib.load(tmp_path / "out" / item["nifti"])
     ds = pydicom.dcmread(path)
@@ -441,7 +441,7 @@ def test_itk_fallback_for_undecodable_transfer_syntax(
         return original(src, *args, **kwargs)
 
     monkeypatch.setattr(pydicom.pixels, "pixel_array", no_decoder)
-    with caplog.at_level(logging.INFO, logger="medpipe.dicom"):
+    with caplog.at_level(logging.INFO, logger="medpipe.io.dicom"):
         volume = dicom.load_series(tmp_path / "rle")
     assert sum("with ITK" in r.getMessage() for r in caplog.records) == 3
     np.testing.assert_array_equal(volume.array, reference.array)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import BUNDLES, REPO, real_dataset
-from medpipe.bundle import run_bundle
+from medpipe.bundle.config import run_bundle
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 JOB_TIMEOUT_S = 300  # a hang fails the test instead of blocking CI
@@ -66,7 +66,7 @@ def test_torchrun_two_ranks(bundle: Path, tmp_path: Path) -> None:
 
     overlay = tmp_path / "record_shards.json"  # test-only: each rank writes the cases it trained on
     overlay.write_text(json.dumps({"+train#handlers": [
-        {"_target_": "medpipe.distributed.ShardRecorder", "out_dir": str(tmp_path / "shards")}]}))  # fmt: skip
+        {"_target_": "medpipe.training.distributed.ShardRecorder", "out_dir": str(tmp_path / "shards")}]}))  # fmt: skip
     uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
     overrides = {**_smoke(bundle, tmp_path), "mlflow": True, "tracking_uri": uri, "experiment_name": "ddp"}
     proc = run_job(_ddp_cmd(bundle, [overlay], overrides))

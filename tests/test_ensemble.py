@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medpipe.ensemble import ModelEnsembleInferer, checkpoint_list, ensemble_inferer, load_member
 from medpipe.errors import MedpipeError
+from medpipe.inferers.ensemble import ModelEnsembleInferer, checkpoint_list, ensemble_inferer, load_member
 
 
 def _plain(inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
@@ -91,8 +91,8 @@ def _rows(path: Path) -> dict[str, dict[str, str]]:
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two 2-fold CV runs of the paper CNN on the same fold partition (split_seed 0), training seeds 0 and 1."""
-    from medpipe.cv import run_cv
-    from medpipe.demo import make_synthetic_set
+    from medpipe.data.synthetic import make_synthetic_set
+    from medpipe.evaluation.cv import run_cv
 
     root = tmp_path_factory.mktemp("ens")
     data = make_synthetic_set(root / "data", per_class=6, size=64)
@@ -105,7 +105,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_cv_ensemble_averages_runs_fold_by_fold(two_runs: Path) -> None:
-    from medpipe.cv_ensemble import ensemble_cv
+    from medpipe.evaluation.cv_ensemble import ensemble_cv
 
     runs = [str(two_runs / "seed0"), str(two_runs / "seed1")]
     summary = ensemble_cv(runs, str(two_runs / "ens"))
@@ -133,9 +133,9 @@ def test_cv_ensemble_averages_runs_fold_by_fold(two_runs: Path) -> None:
 
 def test_ensembles_of_the_bundle_and_of_the_cv_agree(two_runs: Path) -> None:
     """`ensemble_ckpts` at scoring time gives what cv_ensemble estimates from the saved predictions."""
-    from medpipe.bundle import find_bundle, run_bundle
-    from medpipe.cv import fold_overrides
-    from medpipe.cv_ensemble import ensemble_cv
+    from medpipe.bundle.config import find_bundle, run_bundle
+    from medpipe.evaluation.cv import fold_overrides
+    from medpipe.evaluation.cv_ensemble import ensemble_cv
 
     members = str(two_runs / "seed1" / "fold0" / "model.pt")
     data = str(two_runs / "data")
@@ -153,7 +153,7 @@ def test_ensembles_of_the_bundle_and_of_the_cv_agree(two_runs: Path) -> None:
 
 
 def test_cv_ensemble_refuses_runs_it_cannot_average(two_runs: Path, tmp_path: Path) -> None:
-    from medpipe.cv_ensemble import ensemble_cv
+    from medpipe.evaluation.cv_ensemble import ensemble_cv
 
     seed0, seed1, split1 = (str(two_runs / r) for r in ("seed0", "seed1", "split1"))
     out = tmp_path / "out"

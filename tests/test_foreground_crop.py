@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medpipe.foreground_crop import CropForegroundSquared, largest_region_box
+from medpipe.transforms.foreground_crop import CropForegroundSquared, largest_region_box
 
 
 def _slice_with_head(rows: int = 200, cols: int = 300) -> torch.Tensor:
@@ -54,7 +54,7 @@ def test_crop_foreground_key_switches_every_job(config: str) -> None:
     """brain_tumor_cls: `crop_foreground` adds the crop after loading, in training and in the job that scores."""
     from monai.bundle import ConfigParser
 
-    from medpipe.bundle import find_bundle
+    from medpipe.bundle.config import find_bundle
 
     configs = find_bundle("brain_tumor_cls") / "configs"
 

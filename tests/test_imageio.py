@@ -12,7 +12,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from medpipe.errors import MedpipeError
-from medpipe.imageio import LoadGrey2Dd, load_grey_2d
+from medpipe.io.images import LoadGrey2Dd, load_grey_2d
 
 RAMP = np.tile(np.arange(0, 250, 10, dtype=np.uint8), (20, 1))  # 20 x 25, min 0, max 240
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from medpipe.metrics import classification_report, roc_auc
+from medpipe.evaluation.metrics import classification_report, roc_auc
 
 
 def test_binary_report_matches_sklearn() -> None:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from medpipe.errors import MedpipeError
-from medpipe.nets import EfficientNetLite0, PaperCNN, lite0_imagenet_path, lite0_key, load_lite0_imagenet
+from medpipe.nets.efficientnet_lite0 import EfficientNetLite0, lite0_imagenet_path, lite0_key, load_lite0_imagenet
+from medpipe.nets.paper_cnn import PaperCNN
 
 STRIDE2_BLOCKS = {1, 3, 5, 11}  # first block of the stages that halve the resolution (B0 layout)
 MILITARY_UNIFORM = 652  # ImageNet-1k class index; the classic label of matplotlib's grace_hopper.jpg

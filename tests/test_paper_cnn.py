@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from medpipe.nets import PaperCNN
+from medpipe.nets.paper_cnn import PaperCNN
 
 
 def test_layers_match_the_paper() -> None:

@@ -11,10 +11,11 @@ import torch
 from monai.networks.nets import ResNet
 
 from conftest import REPO, real_dataset
-from medpipe.bundle import run_bundle, run_config_files
+from medpipe.bundle.config import run_bundle, run_config_files
 from medpipe.errors import MedpipeError, find_medpipe_error
-from medpipe.nets import EfficientNetLite0, PaperCNN, lite0_imagenet_path
-from medpipe.pretrained import LoadPretrained, load_pretrained, read_state_dict, strip_prefixes
+from medpipe.nets.efficientnet_lite0 import EfficientNetLite0, lite0_imagenet_path
+from medpipe.nets.paper_cnn import PaperCNN
+from medpipe.nets.pretrained import LoadPretrained, load_pretrained, read_state_dict, strip_prefixes
 
 BUNDLE = REPO / "bundles" / "brain_tumor_cls"
 
@@ -142,7 +143,7 @@ def test_official_split_drops_test_copies_of_training_images(tmp_path: Path) -> 
     import numpy as np
     from PIL import Image
 
-    from medpipe.data import official_split_datalists
+    from medpipe.data.datalists import official_split_datalists
 
     rng = np.random.default_rng(0)
     blobs = [Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)) for _ in range(4)]
@@ -168,7 +169,7 @@ def test_image_hashes_are_cached_by_content(tmp_path: Path, monkeypatch: pytest.
     import numpy as np
     from PIL import Image
 
-    from medpipe import data
+    from medpipe.data import duplicates as data
 
     rng = np.random.default_rng(1)
     items = []
@@ -200,7 +201,7 @@ def test_pretrain_4class_paper_cnn_backbone_feeds_the_yes_no_fine_tuning(tmp_pat
     import numpy as np
     from PIL import Image
 
-    from medpipe.demo import make_synthetic_set
+    from medpipe.data.synthetic import make_synthetic_set
 
     rng = np.random.default_rng(0)
     four = tmp_path / "four"

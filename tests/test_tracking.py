@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLES, REPO, real_dataset
-from medpipe.bundle import run_bundle
+from medpipe.bundle.config import run_bundle
 from medpipe.cli import main
 from medpipe.errors import MedpipeError, find_medpipe_error
-from medpipe.tracking import flatten_metrics, plot_overlays, preflight
+from medpipe.tracking.mlflow import flatten_metrics, preflight
+from medpipe.tracking.plots import plot_overlays
 
 CORE_PARAMS = {"network", "image_size", "learning_rate", "epochs", "batch_size", "fold", "seed"}
 CORE_TAGS = {"mlflow.source.git.commit", "bundle", "bundle_version", "versions.medpipe", "versions.monai",

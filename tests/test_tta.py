@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medpipe.errors import MedpipeError
-from medpipe.tta import MirrorAveragingInferer, mean_probability_logits
+from medpipe.inferers.mirror import MirrorAveragingInferer, mean_probability_logits
 
 
 def _plain(inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
@@ -74,7 +74,7 @@ def test_bad_settings_are_refused(kwargs: dict, message: str) -> None:
 def test_tta_key_switches_the_scoring_inferer(stack: list[str]) -> None:
     from monai.bundle import ConfigParser
 
-    from medpipe.bundle import find_bundle
+    from medpipe.bundle.config import find_bundle
 
     configs = find_bundle("brain_tumor_cls") / "configs"
 
@@ -93,8 +93,8 @@ def test_tta_key_switches_the_scoring_inferer(stack: list[str]) -> None:
 
 
 def test_rescore_reproduces_a_run_and_adds_mirroring(tmp_path: Path) -> None:
-    from medpipe.cv import rescore_cv, run_cv
-    from medpipe.demo import make_synthetic_set
+    from medpipe.data.synthetic import make_synthetic_set
+    from medpipe.evaluation.cv import rescore_cv, run_cv
 
     data = make_synthetic_set(tmp_path / "data", per_class=6, size=64)
     run_cv("brain_tumor_cls", "paper_cnn", 2, "group", str(tmp_path / "cv"), dataset_dir=str(data), epochs=1)
@@ -112,7 +112,7 @@ def test_rescore_reproduces_a_run_and_adds_mirroring(tmp_path: Path) -> None:
 
 
 def test_rescore_refuses_a_folder_that_is_not_a_run_or_its_own_output(tmp_path: Path) -> None:
-    from medpipe.cv import rescore_cv
+    from medpipe.evaluation.cv import rescore_cv
 
     with pytest.raises(MedpipeError, match="no cv_summary.json"):
         rescore_cv(str(tmp_path), str(tmp_path / "out"))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import BUNDLES, real_dataset
-from medpipe.bundle import run_bundle
+from medpipe.bundle.config import run_bundle
 from medpipe.cli import main
 from medpipe.zoo import _network, package, sha256_file
 

@@ -68,8 +68,8 @@ def run_fold(spec: dict[str, Any]) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from medpipe.bundle import find_bundle
-    from medpipe.cv import run_fold as train_and_evaluate
+    from medpipe.bundle.config import find_bundle
+    from medpipe.evaluation.cv import run_fold as train_and_evaluate
 
     bundle, out_dir = find_bundle(spec["bundle"]), Path(spec["results"]) / spec["name"]
     started = time.perf_counter()
@@ -126,7 +126,7 @@ def run_all(specs: list[dict[str, Any]], parallel: int, deadline: float) -> dict
 
 
 def summarize(smoke: bool, folds: int) -> None:
-    from medpipe.cv import write_summary
+    from medpipe.evaluation.cv import write_summary
 
     for job in JOBS:
         out_dir = RESULTS / job["name"]

@@ -27,8 +27,8 @@ import torch
 from monai.transforms import Resize
 from PIL import Image
 
-from medpipe.imageio import load_grey_2d
-from medpipe.seg import load_label_2d
+from medpipe.io.images import load_grey_2d
+from medpipe.transforms.seg import load_label_2d
 
 
 def _save_grey(array: np.ndarray, path: Path) -> None:

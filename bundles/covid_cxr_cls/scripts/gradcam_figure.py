@@ -28,8 +28,8 @@ def main() -> None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from medpipe.bundle import run_bundle
-    from medpipe.data import dataset_dir
+    from medpipe.bundle.config import run_bundle
+    from medpipe.data.datalists import dataset_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)

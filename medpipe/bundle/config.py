@@ -1,0 +1,145 @@
+"""Helpers the bundle configs call, and `medpipe run`, a checked front end to `python -m monai.bundle run`."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medpipe.errors import MedpipeError, install_excepthook
+
+logger = logging.getLogger(__name__)
+
+# arguments of `monai.bundle run` itself, which are not config ids
+RUN_ARGS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
+CONFIGS = {"train": ["train"], "evaluate": ["train", "evaluate"], "inference": ["train", "inference"]}
+
+
+
+
+def _argv_value(argv: Sequence[str], key: str) -> str | None:
+    for i, token in enumerate(argv):
+        if token == f"--{key}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith(f"--{key}="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def _as_file_list(value: str | Sequence[str]) -> list[str]:
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith(("[", "(")):
+            return [str(v) for v in ast.literal_eval(value)]
+        return [value]
+    return [str(v) for v in value]
+
+
+def bundle_root(argv: Sequence[str] | None = None) -> str:
+    """The bundle folder: parent of the `configs/` folder of the first `--config_file` on the command line.
+
+    The configs' default `bundle_root` comes from here so that a bundle runs from any working directory.
+    """
+    argv = sys.argv if argv is None else argv
+    config_file = _argv_value(argv, "config_file")
+    if config_file is None:
+        return "."
+    first = Path(_as_file_list(config_file)[0]).resolve()
+    return str(first.parent.parent if first.parent.name == "configs" else first.parent)
+
+
+def check_override_keys(config_files: Sequence[str], keys: Sequence[str]) -> None:
+    """Refuse override ids that no config defines: a typo must not silently become a new, unused setting."""
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_files(list(config_files))
+    for key in keys:
+        root = key.split("#", 1)[0]
+        if key not in RUN_ARGS and root not in config:
+            known = ", ".join(sorted(k for k in config if not k.startswith("_") and k != "imports"))
+            raise MedpipeError(f"unknown override '--{key}' for {', '.join(config_files)}; known keys: {known}")
+
+
+def check_overrides(argv: Sequence[str] | None = None) -> None:
+    """Called from the configs' `initialize`: validate `python -m monai.bundle run …`'s overrides.
+
+    Also installs the one-line error hook, so bad input ends the run with one readable line.
+    """
+    install_excepthook()
+    argv = sys.argv if argv is None else argv
+    if not argv or not str(argv[0]).replace("\\", "/").endswith("monai/bundle/__main__.py"):
+        return  # started from Python (tests, `medpipe run`): those callers check their own keys
+    config_file = _argv_value(argv, "config_file")
+    if config_file is None:
+        return
+    keys = [t[2:].split("=", 1)[0] for t in argv[1:] if t.startswith("--")]
+    check_override_keys(_as_file_list(config_file), keys)
+
+
+def flag(value: Any) -> bool:
+    """A boolean config key as given on the command line: fire passes `--resume true` as the string 'true'."""
+    if isinstance(value, (bool, int)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off", "", "none"):
+        return False
+    raise MedpipeError(f"expected true or false, got '{value}'")
+
+
+def require_file(path: str, what: str, hint: str = "") -> str:
+    """Fail early, in one line, when an input file such as the checkpoint is missing."""
+    if not Path(path).is_file():
+        raise MedpipeError(f"{what} '{path}' not found{'; ' + hint if hint else ''}")
+    return path
+
+
+def config_files(bundle_dir: str | Path, config: str = "train", network: str | None = None) -> list[str]:
+    """The config files for a bundle job: train.json, the network overlay, then the job's own overlay."""
+    bundle_dir = Path(bundle_dir)
+    if not (bundle_dir / "configs" / "train.json").is_file():
+        raise MedpipeError(f"'{bundle_dir}' is not a medpipe bundle (no configs/train.json)")
+    if config not in CONFIGS:
+        raise MedpipeError(f"config must be one of {sorted(CONFIGS)}, got '{config}'")
+    names = CONFIGS[config][:1] + ([f"net_{network}"] if network else []) + CONFIGS[config][1:]
+    files = [bundle_dir / "configs" / f"{name}.json" for name in names]
+    for f in files:
+        if not f.is_file():
+            nets = sorted(p.stem[4:] for p in (bundle_dir / "configs").glob("net_*.json"))
+            raise MedpipeError(f"no config '{f}'" + (f"; networks available: {nets}" if network else ""))
+    return [str(f) for f in files]
+
+
+def run_bundle(
+    bundle_dir: str | Path, config: str = "train", network: str | None = None, **overrides: Any
+) -> list[Any]:
+    """Run one bundle job in this process, with the same checks as the command line."""
+    return run_config_files(config_files(bundle_dir, config, network), **overrides)
+
+
+def run_config_files(files: Sequence[str | Path], **overrides: Any) -> list[Any]:
+    """Run the workflow that `files` (train.json first, then overlays such as pretrain_4class.json) define, in this
+    process: override keys are checked as on the command line; `bundle_root` defaults to the first file's bundle."""
+    from monai.bundle import ConfigWorkflow
+
+    files = [str(f) for f in files]
+    check_override_keys(files, list(overrides))
+    overrides.setdefault("bundle_root", str(Path(files[0]).resolve().parent.parent))
+    workflow = ConfigWorkflow(config_file=files, workflow_type=None, **overrides)
+    workflow.initialize()
+    result = workflow.run()
+    workflow.finalize()
+    return result
+
+
+def find_bundle(bundle: str | Path) -> Path:
+    """A bundle folder given as a path, or by name under ./bundles or this checkout's bundles/."""
+    candidates = [Path(bundle), Path("bundles") / bundle, Path(__file__).resolve().parents[2] / "bundles" / bundle]
+    for candidate in candidates:
+        if (candidate / "configs" / "train.json").is_file():
+            return candidate
+    raise MedpipeError(f"no bundle '{bundle}': give a bundle folder or one of the names under bundles/")

@@ -1,0 +1,279 @@
+"""Find data sets and turn them into MONAI datalists with leakage-safe, group-aware folds.
+
+A classification folder looks like `<root>/<class_name>/<image>` with an optional `<root>/MANIFEST.csv` whose
+`near_duplicate_group` (or `group`) column ties copies of one image (or one patient) together, so that no group
+ever lands on both sides of a split."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medpipe.data.duplicates import find_copies
+from medpipe.data.splits import _shuffled_by, fold_indices, split_items
+from medpipe.errors import MedpipeError
+from medpipe.io.images import is_image_file
+
+GROUP_COLUMNS = ("near_duplicate_group", "group", "patient_id", "volume_group")
+LABELS_CSV_COLUMNS = ("image", "label", "patient_id")
+
+
+
+
+def data_root() -> Path:
+    """The folder holding the data sets: `$MEDPIPE_DATA`."""
+    root = os.environ.get("MEDPIPE_DATA")
+    if not root:
+        raise MedpipeError("MEDPIPE_DATA is not set: export MEDPIPE_DATA=/path/to/data or pass --dataset_dir")
+    return Path(root)
+
+
+def dataset_dir(name: str) -> str:
+    """`$MEDPIPE_DATA/<name>`; the bundle configs' default `dataset_dir`."""
+    return str(data_root() / name)
+
+
+def _read_manifest_groups(root: Path) -> dict[str, str]:
+    """Map relative path -> group id from MANIFEST.csv, when the folder has one with a group column."""
+    manifest = root / "MANIFEST.csv"
+    if not manifest.is_file():
+        return {}
+    with manifest.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    column = next((c for c in GROUP_COLUMNS if rows and c in rows[0]), None)
+    if column is None or "path" not in rows[0]:
+        return {}
+    return {row["path"]: row[column] for row in rows if row.get(column)}
+
+
+def scan_class_folders(root: str | Path, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """List every image under `<root>/<class>/` as {image, label, path, group}; refuse anything ambiguous."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MedpipeError(f"dataset folder '{root}' does not exist; set --dataset_dir or MEDPIPE_DATA")
+    subdirs = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    unknown = sorted(name for name in subdirs if name not in class_names)
+    if unknown:
+        raise MedpipeError(f"'{root}' has folders {unknown} that are not classes {list(class_names)}")
+    missing = [c for c in class_names if not (root / c).is_dir()]
+    if missing:
+        raise MedpipeError(
+            f"'{root}' has no folder for class(es) {missing}: every class {list(class_names)} needs images"
+        )
+    groups = _read_manifest_groups(root)
+    items: list[dict[str, Any]] = []
+    for label, class_name in enumerate(class_names):
+        files = sorted(p for p in (root / class_name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise MedpipeError(f"class folder '{root / class_name}' is empty")
+        for path in files:
+            if not is_image_file(path):
+                raise MedpipeError(f"'{path}' is not an image file; remove it from the class folder")
+            rel = path.relative_to(root).as_posix()
+            items.append({"image": str(path), "label": label, "path": rel, "group": groups.get(rel, rel)})
+    return items
+
+
+def cap_items(items: list[dict[str, Any]], max_cases: int, seed: int = 0) -> list[dict[str, Any]]:
+    """A seeded, class-balanced subset of at most `max_cases` items (-1: all), for smoke tests and quick looks."""
+    if max_cases < 0 or len(items) <= max_cases:
+        return items
+    by_label = _shuffled_by(items, "label", seed)
+    per_class = max(1, max_cases // len(by_label))
+    return [it for label in sorted(by_label) for it in by_label[label][:per_class]]
+
+
+def class_folder_datalists(
+    dataset_dir: str | Path, class_names: Sequence[str], fold: int, num_folds: int = 5, seed: int = 0,
+    split_mode: str = "group", max_cases: int = -1,
+) -> dict[str, list[dict[str, Any]]]:
+    """Scan a class-folder data set and split it: what the classification bundles' `datalists` id holds."""
+    items = cap_items(scan_class_folders(dataset_dir, class_names), max_cases, seed)
+    return split_items(items, fold, num_folds, seed, split_mode)
+
+
+def inference_items(inputs: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Images to predict: a folder (searched recursively), one file, or a list of files."""
+    paths: list[Path] = []
+    for entry in [inputs] if isinstance(inputs, (str, Path)) else list(inputs):
+        entry = Path(entry)
+        if entry.is_dir():
+            paths += sorted(p for p in entry.rglob("*") if p.is_file() and is_image_file(p))
+        elif entry.is_file():
+            if not is_image_file(entry):
+                raise MedpipeError(f"'{entry}' is not a supported image file")
+            paths.append(entry)
+        else:
+            raise MedpipeError(f"input '{entry}' does not exist")
+    if not paths:
+        raise MedpipeError(f"no images found in {inputs}")
+    return [{"image": str(p), "path": str(p)} for p in paths]
+
+
+def read_labels_csv(
+    dataset_dir: str | Path, class_names: Sequence[str], label_map: dict[str, str] | None = None,
+    csv_name: str = "labels.csv",
+) -> list[dict[str, Any]]:
+    """Items {image, label, path, group, source, finding} from `<dataset_dir>/<csv_name>`, every row checked.
+
+    `label_map` maps the CSV's label to a class name (e.g. pneumonia -> non_covid for a 2-class task); the CSV
+    label is kept as `finding` and the `source` column (if any) as `source`, for per-source reports.
+    A missing image, an unknown label, an empty patient_id or an image listed twice stops with one line.
+    """
+    root = Path(dataset_dir)
+    csv_path = root / csv_name
+    if not csv_path.is_file():
+        raise MedpipeError(f"'{csv_path}' not found; set --dataset_dir to a folder holding {csv_name} and images")
+    label_map = dict(label_map) if label_map else {c: c for c in class_names}
+    bad_targets = sorted(set(label_map.values()) - set(class_names))
+    if bad_targets:
+        raise MedpipeError(f"label_map targets {bad_targets} are not classes {list(class_names)}")
+    with csv_path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing_cols = [c for c in LABELS_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing_cols:
+            raise MedpipeError(f"'{csv_path}' lacks column(s) {missing_cols}; it needs {list(LABELS_CSV_COLUMNS)}")
+        rows = list(reader)
+    items: list[dict[str, Any]] = []
+    first_row: dict[str, int] = {}
+    for row_no, row in enumerate(rows, start=2):  # row 1 is the header, as a spreadsheet numbers it
+        where = f"{csv_path} row {row_no}"
+        name, finding, group = (row.get(k, "").strip() for k in ("image", "label", "patient_id"))
+        if name in first_row:
+            raise MedpipeError(f"{where}: image '{name}' is listed twice (first on row {first_row[name]})")
+        first_row[name] = row_no
+        if finding not in label_map:
+            raise MedpipeError(f"{where}: unknown label '{finding}' (expected one of {sorted(label_map)})")
+        if not group:
+            raise MedpipeError(f"{where}: empty patient_id; every image needs its patient so splits cannot leak")
+        path = root / name
+        if not name or not path.is_file():
+            raise MedpipeError(f"{where}: image '{name}' not found in '{root}'")
+        if not is_image_file(path):
+            raise MedpipeError(f"{where}: '{name}' is not a supported image file")
+        items.append({
+            "image": str(path), "label": list(class_names).index(label_map[finding]), "path": name, "group": group,
+            "source": row.get("source", "").strip() or "unknown", "finding": finding,
+        })  # fmt: skip
+    if not items:
+        raise MedpipeError(f"'{csv_path}' has no rows")
+    return items
+
+
+def labels_csv_datalists(
+    dataset_dir: str | Path, class_names: Sequence[str], label_map: dict[str, str] | None, fold: int,
+    num_folds: int = 5, seed: int = 0, split_mode: str = "group", max_cases: int = -1, csv_name: str = "labels.csv",
+) -> dict[str, list[dict[str, Any]]]:
+    """Read a labels.csv data set and split it by patient, stratified by class: a CSV twin of class_folder_datalists."""
+    items = cap_items(read_labels_csv(dataset_dir, class_names, label_map, csv_name), max_cases, seed)
+    return split_items(items, fold, num_folds, seed, split_mode)
+
+
+def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> list[float]:
+    """Inverse-frequency weights N / (C * n_c) for a weighted cross-entropy (1.0 each when balanced)."""
+    counts = np.bincount([it["label"] for it in items], minlength=num_classes).astype(float)
+    if (counts == 0).any():
+        raise MedpipeError(f"class counts {counts.astype(int).tolist()}: every class needs training images")
+    return (counts.sum() / (num_classes * counts)).tolist()
+
+
+def read_seg_datalist(dataset_dir: str | Path, section: str = "training") -> list[dict[str, Any]]:
+    """Items {image, label, path, group, …} of one section of `<dataset_dir>/datalist.json` (decathlon style).
+
+    Paths are resolved against the folder; `volume_group` (else `patient_id`, else the image path) becomes `group`,
+    so that folds never put slices of one volume on both sides. A missing file or key stops with one line.
+    """
+    root = Path(dataset_dir)
+    path = root / "datalist.json"
+    if not path.is_file():
+        raise MedpipeError(f"'{path}' not found; set --dataset_dir to a folder with datalist.json, images and labels")
+    try:
+        entries = json.loads(path.read_text()).get(section, [])
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise MedpipeError(f"'{path}' is not a JSON object with a '{section}' list: {exc}") from exc
+    if not isinstance(entries, list):
+        raise MedpipeError(f"'{path}': '{section}' must be a list of {{image, label}} entries")
+    items: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        where = f"{path} {section}[{i}]"
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise MedpipeError(f"{where}: every entry needs an 'image' (and 'label' for training)")
+        item = {k: v for k, v in entry.items() if not isinstance(v, (dict, list))}
+        for key in ("image", "label"):
+            if key in entry:
+                file = root / str(entry[key])
+                if not file.is_file():
+                    raise MedpipeError(f"{where}: {key} '{entry[key]}' not found in '{root}'")
+                item[key] = str(file)
+        if section == "training" and "label" not in item:
+            raise MedpipeError(f"{where}: training entries need a 'label'")
+        item["path"] = str(entry["image"])
+        item["group"] = str(entry.get("volume_group") or entry.get("patient_id") or entry["image"])
+        item.setdefault("volume_group", item["group"])
+        items.append(item)
+    return items
+
+
+def cap_groups(items: list[dict[str, Any]], max_cases: int, seed: int = 0) -> list[dict[str, Any]]:
+    """A seeded subset of at most `max_cases` items taken round-robin over groups, so every group keeps some."""
+    if max_cases < 0 or len(items) <= max_cases:
+        return items
+    by_group = _shuffled_by(items, "group", seed)
+    queues, picked = [by_group[g] for g in sorted(by_group)], []
+    while len(picked) < max_cases:
+        for queue in queues:
+            if queue and len(picked) < max_cases:
+                picked.append(queue.pop())
+    return picked
+
+
+def seg_datalists(
+    dataset_dir: str | Path, fold: int, num_folds: int = 5, seed: int = 0, split_mode: str = "group",
+    max_cases: int = -1,
+) -> dict[str, list[dict[str, Any]]]:
+    """{'train', 'val', 'test'} for a segmentation datalist.json: folds grouped by volume, stratified by source.
+
+    The stratum is the group name's prefix before the first '_' (coronacases / radiopaedia), so every fold sees
+    both sources; 'test' is the file's `testing` section (empty when it has none). Fold -1: all data trains.
+    """
+    items = cap_groups(read_seg_datalist(dataset_dir, "training"), max_cases, seed)
+    if not items:
+        raise MedpipeError(f"'{Path(dataset_dir) / 'datalist.json'}' has an empty 'training' list")
+    test = read_seg_datalist(dataset_dir, "testing")
+    if fold == -1:
+        return {"train": items, "val": [], "test": test}
+    groups = [it["group"] for it in items]
+    if len(set(groups)) < num_folds:
+        raise MedpipeError(f"{num_folds}-fold split needs at least {num_folds} volume groups, got {len(set(groups))}")
+    strata = sorted({g.split("_")[0] for g in groups})
+    labels = [strata.index(g.split("_")[0]) for g in groups]
+    train_idx, val_idx = fold_indices(labels, groups, fold, num_folds, seed, split_mode)
+    return {"train": [items[i] for i in train_idx], "val": [items[i] for i in val_idx], "test": test}
+
+
+def official_split_datalists(
+    dataset_dir: str | Path, class_names: Sequence[str], max_cases: int = -1, seed: int = 0,
+    train_split: str = "Training", test_split: str = "Testing", drop_test_copies: bool = True,
+) -> dict[str, list[dict[str, Any]]]:
+    """{'train': <root>/Training, 'val': <root>/Testing without files copied in Training, 'removed': [...]}.
+
+    For sets (brain_mri_4class) whose official test split shares exact and near copies with training: scoring
+    those would measure memory, not generalisation. `max_cases` caps the training list only, so the test split
+    is the same whatever subset trains. Paths are relative to the data set root.
+    """
+    root = Path(dataset_dir)
+    split = {}
+    for name in (train_split, test_split):
+        split[name] = [{**it, "path": f"{name}/{it['path']}"} for it in scan_class_folders(root / name, class_names)]
+    removed = find_copies(split[test_split], split[train_split]) if drop_test_copies else []
+    gone = {r["path"] for r in removed}
+    return {"train": cap_items(split[train_split], max_cases, seed),
+            "val": [it for it in split[test_split] if it["path"] not in gone], "removed": removed}  # fmt: skip
+
+

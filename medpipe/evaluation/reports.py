@@ -1,0 +1,139 @@
+"""Ignite handlers that turn an evaluator run into files: predictions.csv and metrics.json."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from medpipe.evaluation.metrics import classification_report
+from medpipe.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+
+
+def _as_list(x: Any) -> list:
+    return x if isinstance(x, list) else [x]
+
+
+def predictions_csv(
+    paths: Sequence[str],
+    probs: Sequence[Sequence[float]] | np.ndarray,
+    class_names: Sequence[str],
+    labels: Sequence[int] | None = None,
+    extra_header: Sequence[str] = (),
+    extra_cells: Sequence[Sequence[str]] | None = None,
+) -> str:
+    """predictions.csv text: path, prob_<class>…, predicted (argmax), extra columns, then label when known."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    header = ["path"] + [f"prob_{c}" for c in class_names] + ["predicted"] + list(extra_header)
+    writer.writerow(header + (["label"] if labels is not None else []))
+    for i, (path, p) in enumerate(zip(paths, probs, strict=True)):
+        row = [path] + [f"{v:.6f}" for v in p] + [class_names[int(np.argmax(p))]]
+        row += list(extra_cells[i]) if extra_cells is not None else []
+        writer.writerow(row + ([class_names[labels[i]]] if labels is not None else []))
+    return buf.getvalue()
+
+
+def _probabilities(pred: torch.Tensor) -> np.ndarray:
+    """(C,) class probabilities from a post-processed prediction; one sigmoid output means P(class 1)."""
+    p = torch.as_tensor(pred).detach().float().cpu().reshape(-1).numpy()
+    return np.array([1 - p[0], p[0]]) if p.size == 1 else p
+
+
+class EpochCollector:
+    """Base of evaluator handlers that keep one record per evaluated item over an epoch and write them at its end.
+
+    Subclasses turn one (post-processed output, batch item) pair into a record (`_record`) and write the epoch's
+    `self.records` (`_write`).
+    """
+
+    records: list[Any]
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.records = []
+
+    def _collect(self, engine: Engine) -> None:
+        for out, item in zip(_as_list(engine.state.output), _as_list(engine.state.batch), strict=True):
+            self.records.append(self._record(out, item))
+
+    def _record(self, out: Mapping[str, Any], item: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def _write(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+
+class ClassificationReport(EpochCollector):
+    """Collect per-case probabilities over one evaluator epoch and write them out.
+
+    Always writes `<output_dir>/predictions.csv` (path, one probability column per class, predicted class, and
+    the true class when labels are known); with labels also `<output_dir>/metrics.json` (medpipe.metrics).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        class_names: Sequence[str],
+        with_labels: bool = True,
+        n_boot: int = 1000,
+        seed: int = 0,
+        info: dict[str, Any] | None = None,
+        pred_key: str = "pred",
+        label_key: str = "label",
+        path_key: str = "path",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.with_labels = with_labels
+        self.n_boot, self.seed = n_boot, seed
+        self.info = info or {}
+        self.pred_key, self.label_key, self.path_key = pred_key, label_key, path_key
+        self.records: list[tuple[str, np.ndarray, int | None]] = []  # (path, probabilities, label or None)
+
+    def _record(self, out: Mapping[str, Any], item: Mapping[str, Any]) -> tuple[str, np.ndarray, int | None]:
+        label = None
+        if self.with_labels:
+            label = int(round(float(torch.as_tensor(out[self.label_key]).reshape(-1)[0])))
+        return str(item[self.path_key]), _probabilities(out[self.pred_key]), label
+
+    def _predictions_csv(self) -> str:
+        paths, probs = [r[0] for r in self.records], [r[1] for r in self.records]
+        labels = [r[2] for r in self.records] if self.with_labels else None
+        extra = [self._extra_cells(i) for i in range(len(self.records))]
+        return predictions_csv(paths, probs, self.class_names, labels, self._extra_header(), extra)
+
+    def _extra_header(self) -> list[str]:
+        """Columns a subclass adds after `predicted` (none here)."""
+        return []
+
+    def _extra_cells(self, row: int) -> list[str]:
+        return []
+
+    def _write(self, engine: Engine) -> None:
+        atomic_write_text(self.output_dir / "predictions.csv", self._predictions_csv())
+        logger.info(f"wrote {len(self.records)} predictions to {self.output_dir / 'predictions.csv'}")
+        if not self.with_labels:
+            return
+        labels = [r[2] for r in self.records]
+        report = classification_report(labels, [r[1] for r in self.records], self.class_names, self.n_boot, self.seed)
+        report = {**self.info, **report}
+        atomic_write_text(self.output_dir / "metrics.json", json.dumps(report, indent=2))
+        acc, auc = report["metrics"]["accuracy"]["value"], report["metrics"].get("roc_auc", {}).get("value")
+        logger.info(f"accuracy {acc}, ROC-AUC {auc} on {report['n']} cases: {self.output_dir / 'metrics.json'}")

@@ -1,0 +1,206 @@
+"""Run a 2-D slice segmentation model on whole CT volumes: DICOM series or NIfTI in, 3-D masks and a report out.
+
+Each axial slice goes through the intensity pipeline the COVID CT training slices went through (HU window →
+[0, 1] → 256² → 8-bit → CLAHE), is predicted at the model's size, and the class probabilities are resized back to
+the native grid (medpipe.io.ct.reassemble). Outputs per volume: `<name>_seg.nii.gz` (the label map),
+`<name>_lung.nii.gz` and `<name>_infection.nii.gz` (binary), `<name>_seg.dcm` (DICOM-SEG, DICOM input only), and
+one `report.json` for all inputs with lung and infection volumes in mL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from medpipe.errors import MedpipeError
+from medpipe.files import atomic_write_text
+from medpipe.io import ct, dicom_seg
+from medpipe.io.dicom import Volume
+from medpipe.transforms.seg import clahe
+
+logger = logging.getLogger(__name__)
+
+# the slice axis may lean this far from the patient's head-foot axis (gantry tilt) and still count as axial
+MAX_AXIAL_TILT_DEG = 30.0
+# the lowest HU of a chest CT is air (about -1000); a volume whose minimum is above this is not in HU
+MAX_MIN_HU = -500.0
+
+
+
+
+def check_axial_ct(volume: Volume, name: str) -> None:
+    """Refuse volumes a model trained on axial HU slices cannot read: non-axial stacks and non-HU intensities."""
+    directions = np.asarray(volume.affine)[:3, :3] / np.linalg.norm(np.asarray(volume.affine)[:3, :3], axis=0)
+    closest = int(np.argmax(np.abs(directions[2])))  # which voxel axis runs closest to superior
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(directions[2, 2])))))
+    if closest != 2 or tilt > MAX_AXIAL_TILT_DEG:
+        raise MedpipeError(
+            f"{name}: not an axial volume (its slice axis is {tilt:.0f}° from head-foot, voxel axis {closest} is); "
+            "this model segments axial CT slices: reformat the series to axial first"
+        )
+    if volume.array.ndim != 3 or min(volume.array.shape) < 1:
+        raise MedpipeError(f"{name}: expected a 3-D volume, got shape {volume.array.shape}")
+    low = float(np.min(volume.array))
+    if low > MAX_MIN_HU:
+        raise MedpipeError(f"{name}: lowest value {low:g} > {MAX_MIN_HU:g}; not CT in Hounsfield units (air ≈ -1000)")
+
+
+def ct_to_model_slices(
+    volume: Volume, window: str | tuple[float, float] = "lung", slice_size: int = 256, clip_limit: float = 7.0
+) -> np.ndarray:
+    """(N, slice_size, slice_size) float32 slices in [0, 1], intensity-matched to the CLAHE PNG training slices."""
+    planes = np.stack(list(ct.iter_slices(ct.window(volume.array, window), volume.affine, size=slice_size)))
+    enhanced = clahe(np.clip(np.rint(planes * 255.0), 0, 255).astype(np.uint8), clip_limit=clip_limit)
+    out = enhanced.astype(np.float32)
+    # the training loader min-max scales each PNG (medpipe.imageio); do the same so 0/255 map identically
+    low, high = out.min(axis=(1, 2), keepdims=True), out.max(axis=(1, 2), keepdims=True)
+    return np.where(high > low, (out - low) / np.maximum(high - low, 1e-6), 0.0).astype(np.float32)
+
+
+@torch.no_grad()
+def predict_slices(
+    slices: np.ndarray, network: torch.nn.Module, inferer: Any, image_size: int, batch_size: int = 32
+) -> np.ndarray:
+    """Softmax class probabilities (N, C, image_size, image_size) for [0, 1] slices, batch by batch."""
+    network.eval()
+    device = next(network.parameters()).device
+    probs = []
+    for start in range(0, len(slices), batch_size):
+        batch = torch.from_numpy(slices[start : start + batch_size, None]).to(device)
+        if batch.shape[-1] != image_size or batch.shape[-2] != image_size:
+            batch = F.interpolate(batch, size=(image_size, image_size), mode="area")  # as MONAI Resized(mode="area")
+        logits = inferer(batch, network) if inferer is not None else network(batch)
+        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    return np.concatenate(probs)
+
+
+def keep_lung_components(mask: np.ndarray, keep: int = 2) -> np.ndarray:
+    """Zero lung labels (>= 1) outside the `keep` largest 3-D connected components that do not touch the image's
+    in-plane edge: lungs lie inside the chest, so pieces in the air around the patient or in the table are errors.
+    """
+    from scipy import ndimage
+
+    components, count = ndimage.label(mask >= 1)
+    if count == 0:
+        return mask
+    edge = np.unique(np.concatenate([
+        components[0].ravel(), components[-1].ravel(), components[:, 0].ravel(), components[:, -1].ravel()
+    ]))  # fmt: skip
+    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    sizes[0], sizes[edge] = 0, 0
+    kept = [int(i) for i in np.argsort(sizes)[::-1][:keep] if sizes[i] > 0]
+    out = mask.copy()
+    out[~np.isin(components, kept)] = 0
+    return out
+
+
+def _stem(path: Path) -> str:
+    name = path.name.removesuffix(".gz").removesuffix(".nii") if path.is_file() else path.name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "volume"
+
+
+class VolumeSegmenter:
+    """Segment lungs and infection in CT volumes with a trained 2-D network; write masks and a JSON report.
+
+    Labels: 0 background, 1 lung without infection, 2 infection; the lung mask is label >= 1. With
+    `keep_components` > 0, lung labels outside the largest chest components are dropped (keep_lung_components).
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        image_size: int,
+        inferer: Any = None,
+        window: str | Sequence[float] = "lung",
+        slice_size: int = 256,
+        clip_limit: float = 7.0,
+        batch_size: int = 32,
+        label_names: Mapping[int, str] | None = None,
+        write_dicom_seg: bool = True,
+        keep_components: int = 2,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.network, self.image_size, self.inferer = network, image_size, inferer
+        self.window = window if isinstance(window, str) else (float(window[0]), float(window[1]))
+        self.slice_size, self.clip_limit, self.batch_size = slice_size, clip_limit, batch_size
+        self.label_names = dict(label_names or {1: "lung (not infected)", 2: "COVID-19 infection"})
+        self.write_dicom_seg, self.keep_components, self.info = write_dicom_seg, keep_components, info or {}
+
+    def segment(self, volume: Volume, name: str = "volume") -> np.ndarray:
+        """uint8 label mask on the volume's own grid."""
+        check_axial_ct(volume, name)
+        slices = ct_to_model_slices(volume, self.window, self.slice_size, self.clip_limit)
+        probs = predict_slices(slices, self.network, self.inferer, self.image_size, self.batch_size)
+        mask = ct.reassemble(list(probs), volume.array.shape, volume.affine)
+        return keep_lung_components(mask, self.keep_components) if self.keep_components else mask
+
+    def volume_report(self, mask: np.ndarray, volume: Volume) -> dict[str, Any]:
+        """Lung (label >= 1) and infection (label 2) volumes in mL and the percent of lung involved."""
+        ml = ct.label_volumes_ml(mask, volume.affine, labels=[1, 2])
+        lung, infection = ml[1] + ml[2], ml[2]
+        return {
+            "lung_volume_ml": round(lung, 2),
+            "infection_volume_ml": round(infection, 2),
+            "infection_percent_of_lung": round(100.0 * infection / lung, 3) if lung > 0 else None,
+        }
+
+    def __call__(self, inputs: str | Path | Sequence[str | Path], output_dir: str | Path) -> dict[str, Any]:
+        """Segment every input (a DICOM series folder or a NIfTI file); write masks and `<output_dir>/report.json`."""
+        paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
+        if not paths:
+            raise MedpipeError("no input volumes given: pass --input <DICOM series folder or .nii.gz>")
+        out_dir = Path(output_dir)
+        # load and check everything first, so a bad input stops the run before anything is written
+        volumes = [(path, ct.load_volume(path)) for path in paths]
+        for path, volume in volumes:
+            check_axial_ct(volume, str(path))
+        out_dir.mkdir(parents=True, exist_ok=True)  # medpipe.ct's writers expect the folder to exist
+        entries = []
+        for path, volume in volumes:
+            started, stem = time.perf_counter(), _stem(path)
+            mask = self.segment(volume, str(path))
+            files = {
+                "seg": ct.write_mask_nifti(mask, volume.affine, out_dir / f"{stem}_seg.nii.gz"),
+                "lung": ct.write_mask_nifti(mask >= 1, volume.affine, out_dir / f"{stem}_lung.nii.gz"),
+                "infection": ct.write_mask_nifti(mask == 2, volume.affine, out_dir / f"{stem}_infection.nii.gz"),
+            }
+            if self.write_dicom_seg and volume.source_files:
+                files["dicom_seg"] = dicom_seg.write_dicom_seg(
+                    mask, volume, out_dir / f"{stem}_seg.dcm", labels=self.label_names, algorithm="covid_ct_seg"
+                )
+            entries.append({
+                "input": str(path),
+                "shape": list(volume.array.shape),
+                "spacing_mm": [round(s, 4) for s in volume.spacing],
+                **self.volume_report(mask, volume),
+                "files": {k: Path(v).name for k, v in files.items()},
+                "seconds": round(time.perf_counter() - started, 2),
+            })  # fmt: skip
+            lung_ml, infection_ml = entries[-1]["lung_volume_ml"], entries[-1]["infection_volume_ml"]
+            logger.info(f"{path}: lung {lung_ml} mL, infection {infection_ml} mL")
+        report = {
+            **self.info,
+            "labels": {"0": "background", **{str(k): v for k, v in self.label_names.items()}},
+            "preprocessing": (
+                f"HU window {self.window} -> [0, 1] -> {self.slice_size}x{self.slice_size} axial slices -> 8-bit -> "
+                f"CLAHE (clip {self.clip_limit}, 8x8 tiles) -> model at {self.image_size}x{self.image_size}; "
+                "probabilities resized back to the native grid, argmax; "
+                + (
+                    f"lung labels kept only in the {self.keep_components} largest 3-D components not touching the "
+                    "image edge"
+                    if self.keep_components
+                    else "no post-processing"
+                )
+            ),
+            "volumes": entries,
+        }
+        atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
+        return report

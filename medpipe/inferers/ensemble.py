@@ -1,0 +1,96 @@
+"""Model ensembles at scoring time: the `ensemble_ckpts` config key.
+
+Several checkpoints of the same network (nnU-Net ensembles its five fold models; here also models trained with other
+seeds) each score the batch and their class probabilities are averaged, handed back as logits of that average
+(`mean_probability_logits`) so a bundle's postprocessing and metrics run unchanged. The bundle's own
+checkpoint (`ckpt_path`, loaded into `network` by its CheckpointLoader) is always the first member."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.inferers import Inferer
+from torch import nn
+
+from medpipe.errors import MedpipeError
+from medpipe.inferers.mirror import check_activation, mean_probability_logits
+from medpipe.nets.pretrained import read_state_dict, strip_prefixes
+
+HINT = "set --ensemble_ckpts to model.pt files trained with this network"
+
+
+
+
+def checkpoint_list(value: str | Sequence[str] | None) -> list[str]:
+    """`ensemble_ckpts` as given: a list, a comma-separated string (fire's `--ensemble_ckpts a.pt,b.pt`), or empty."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return [p.strip() for p in items if p.strip() and p.strip().lower() not in ("none", "null")]
+
+
+def load_member(network: nn.Module, path: str | Path) -> nn.Module:
+    """A copy of `network` holding checkpoint `path`'s weights, in eval mode; every tensor must fit."""
+    module = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+    member = copy.deepcopy(module)
+    own = member.state_dict()
+    # read_state_dict strips wrapper prefixes ("module.", "net.", …): match our own keys stripped the same way
+    by_stripped = {strip_prefixes(k): k for k in own}
+    state = read_state_dict(path, what="ensemble checkpoint", hint=HINT)
+    missing = [k for k in by_stripped if k not in state]
+    unexpected = [k for k in state if k not in by_stripped]
+    misshapen = [k for k in by_stripped if k in state and state[k].shape != own[by_stripped[k]].shape]
+    if missing or unexpected or misshapen:
+        problems = [f"{name} {keys[:3]}" for name, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)) if keys]  # fmt: skip
+        raise MedpipeError(
+            f"ensemble checkpoint '{path}' does not fit the network ({'; '.join(problems)}); "
+            "every member must be trained with the same --network"
+        )
+    member.load_state_dict({by_stripped[k]: v for k, v in state.items()}, strict=True)
+    return member.eval()
+
+
+class ModelEnsembleInferer(Inferer):
+    """Run `inferer` with the evaluator's network and with every member; average the class probabilities."""
+
+    def __init__(
+        self, inferer: Inferer | Callable[..., torch.Tensor], members: Sequence[nn.Module], activation: str = "sigmoid"
+    ) -> None:
+        super().__init__()
+        check_activation(activation)
+        self.inferer, self.members, self.activation = inferer, list(members), activation
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        outputs = [self.inferer(inputs, network, *args, **kwargs)]
+        for member in self.members:
+            member.to(inputs.device).eval()  # the evaluator moves and switches only its own network
+            outputs.append(self.inferer(inputs, member, *args, **kwargs))
+        return mean_probability_logits(outputs, self.activation)
+
+
+def ensemble_inferer(
+    inferer: Inferer | Callable[..., torch.Tensor],
+    network: nn.Module,
+    ckpts: str | Sequence[str] | None,
+    activation: str = "sigmoid",
+    own_ckpt: str | Path | None = None,
+) -> Inferer | Callable[..., torch.Tensor]:
+    """`inferer` itself when `ckpts` is empty, else a ModelEnsembleInferer over copies of `network` loaded from them.
+
+    own_ckpt: the checkpoint `network` itself is loaded from; listing it (or any file twice) would weight it double.
+    """
+    paths = checkpoint_list(ckpts)
+    if not paths:
+        return inferer
+    seen = [Path(p).resolve() for p in ([own_ckpt] if own_ckpt else []) + paths]
+    twice = sorted({str(p) for p in seen if seen.count(p) > 1})
+    if twice:
+        raise MedpipeError(
+            f"ensemble_ckpts names {twice[0]} twice (or it is ckpt_path, already a member): each model counts once"
+        )
+    return ModelEnsembleInferer(inferer, [load_member(network, p) for p in paths], activation)

@@ -1,0 +1,133 @@
+"""De-identification of DICOM header values for the JSON sidecars ingestion writes: pseudonymous UIDs,
+shifted dates, free text cleaned of identifying strings."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Sequence
+from datetime import date, timedelta
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+if TYPE_CHECKING:
+    from medpipe.io.dicom import SeriesLayout, Volume
+
+log = logging.getLogger(__name__)
+
+# PS3.15 basic profile, as an allow-list: only technical attributes reach the sidecar, so names, IDs, birth dates,
+# institution, physicians, accession numbers, UIDs and dates (unless shifted) never do.
+DEID_METHOD = "DICOM PS3.15 Basic Application Confidentiality Profile (allow-list of technical attributes)"
+_TEXT_FIELDS = {"series_description": "SeriesDescription", "convolution_kernel": "ConvolutionKernel"}
+_TECH_FIELDS = {
+    "manufacturer": "Manufacturer",
+    "manufacturer_model_name": "ManufacturerModelName",
+    "body_part_examined": "BodyPartExamined",
+    "patient_position": "PatientPosition",
+}
+# attributes whose values must not appear inside the free-text fields we keep (Clean Descriptors option)
+_IDENTIFYING = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "InstitutionName",
+    "InstitutionAddress",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "StationName",
+    "StudyID",
+    "DeviceSerialNumber",
+)
+_DATE_LIKE = re.compile(r"\b(19|20)\d{2}[-/.]?\d{2}[-/.]?\d{2}\b|\b\d{1,2}[-/.]\d{1,2}[-/.](19|20)?\d{2}\b")
+
+
+
+
+def deidentified_sidecar(layout: SeriesLayout, volume: Volume, date_shift_days: int | None = None) -> dict[str, Any]:
+    """The JSON sidecar: geometry and acquisition technique, with identifiers removed and dates dropped or shifted."""
+    ds = layout.first
+    shape = [int(v) for v in volume.array.shape]
+    sidecar: dict[str, Any] = {
+        "modality": str(ds.get("Modality", "")),
+        "shape": shape,
+        "spacing_mm": [round(s, 6) for s in volume.spacing],
+        "affine_ras": np.round(volume.affine, 6).tolist(),
+        "dtype": str(volume.array.dtype),
+        "units": "HU" if ds.get("Modality") == "CT" else str(ds.get("RescaleType", "")),
+        "slice_thickness_mm": _number(ds.get("SliceThickness")),
+        "series_number": _number(ds.get("SeriesNumber")),
+        "n_source_files": sum(s is not None for s in layout.slices),
+        "series_uid_pseudonym": pseudonym_uid(layout.series.uid),
+    }
+    forbidden = _identifier_strings(ds)
+    for key, keyword in _TEXT_FIELDS.items():
+        sidecar[key] = clean_text(_as_text(ds.get(keyword, "")), forbidden)
+    for key, keyword in _TECH_FIELDS.items():
+        sidecar[key] = _as_text(ds.get(keyword, ""))
+    sidecar["kvp"] = _number(ds.get("KVP"))
+    if layout.missing:
+        sidecar["missing_slices"] = layout.missing
+    study_date = _parse_date(str(ds.get("StudyDate", "")))
+    if date_shift_days is not None and study_date is not None:
+        sidecar["study_date_shifted"] = (study_date + timedelta(days=int(date_shift_days))).isoformat()
+    sidecar["deidentification"] = {
+        "method": DEID_METHOD,
+        "dates": f"shifted by {int(date_shift_days)} days" if date_shift_days is not None else "removed",
+        # DCM codes for PS3.15 options: basic profile, clean descriptors, (modified dates when shifted)
+        "codes": ["113100", "113105"] + (["113107"] if date_shift_days is not None else []),
+    }
+    return sidecar
+
+
+def pseudonym_uid(uid: str) -> str:
+    """A stable replacement UID (2.25 + 128-bit hash): the same series always maps to the same pseudonym."""
+    return "2.25." + str(int(hashlib.sha256(uid.encode()).hexdigest()[:32], 16))
+
+
+def clean_text(text: str, forbidden: Sequence[str]) -> str:
+    """Blank out identifiers and date-like strings in a free-text field (best effort, PS3.15 Clean Descriptors)."""
+    for value in sorted(forbidden, key=len, reverse=True):
+        text = re.sub(re.escape(value), "[removed]", text, flags=re.IGNORECASE)
+    return _DATE_LIKE.sub("[date]", text).strip()
+
+
+def _identifier_strings(ds: Dataset) -> list[str]:
+    """Every name part, ID and similar value in the header, as strings of 3+ characters."""
+    out: list[str] = []
+    for keyword in _IDENTIFYING:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        values = value if isinstance(value, pydicom.multival.MultiValue) else [value]
+        for v in values:
+            text = str(v)
+            out.append(text)
+            out.extend(re.split(r"[\^=\s,]+", text))
+    return sorted({s for s in out if len(s.strip()) >= 3})
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _number(value: Any) -> float | int | None:
+    if value is None or value == "":
+        return None
+    number = float(value)
+    return int(number) if number.is_integer() else number
+
+
+def _parse_date(text: str) -> date | None:
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None

@@ -1,0 +1,134 @@
+"""2-D segmentation pieces for the bundles: checked image/label loading, CLAHE, resizing predictions back to the
+label grid, and the ignite handler that writes metrics.json and the per-slice / per-volume CSVs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from monai.transforms import MapTransform
+
+from medpipe.errors import MedpipeError
+from medpipe.io.images import load_grey_2d
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+
+
+
+
+def load_label_2d(path: str | Path) -> np.ndarray:
+    """A 2-D label map (PNG/TIFF/BMP of integer values) as an int64 (rows, cols) array, values untouched."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise MedpipeError(f"cannot read label '{path}': {exc}") from exc
+    if array.ndim != 2:
+        raise MedpipeError(f"label '{path}' must be a single-channel label map, got shape {array.shape}")
+    return array.astype(np.int64)
+
+
+class LoadSegSliced(MapTransform):
+    """Load an image (grey, [0, 1]) and its label map as (1, H, W) tensors, and check that they belong together.
+
+    Refuses, in one line naming the file: an image and label of different sizes, and label values that are not
+    classes 0..num_classes-1 (a 0/255 mask given where 0/1/2 is expected, say).
+    """
+
+    def __init__(self, num_classes: int, image_key: str = "image", label_key: str = "label") -> None:
+        super().__init__([image_key, label_key], allow_missing_keys=True)
+        self.num_classes, self.image_key, self.label_key = num_classes, image_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        image = load_grey_2d(str(out[self.image_key]))
+        out[self.image_key] = torch.from_numpy(image[None])
+        if self.label_key in out:
+            path = str(out[self.label_key])
+            label = load_label_2d(path)
+            if label.shape != image.shape:
+                image_path = data[self.image_key]
+                raise MedpipeError(f"label '{path}' is {label.shape}, its image '{image_path}' is {image.shape}")
+            bad = sorted(set(np.unique(label).tolist()) - set(range(self.num_classes)))
+            if bad:
+                raise MedpipeError(f"label '{path}' has values {bad[:5]} outside the classes 0..{self.num_classes - 1}")
+            out[self.label_key] = torch.from_numpy(label[None].astype(np.uint8))
+        return out
+
+
+class MatchSized(MapTransform):
+    """Resize predictions (C, h, w) to the spatial size of `ref_key` (e.g. the native-size label) before scoring."""
+
+    def __init__(self, keys: str | Sequence[str], ref_key: str = "label", mode: str = "bilinear") -> None:
+        super().__init__(keys)
+        self.ref_key, self.mode = ref_key, mode
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        size = tuple(out[self.ref_key].shape[-2:])
+        for key in self.key_iterator(out):
+            pred = torch.as_tensor(out[key])
+            if tuple(pred.shape[-2:]) != size:
+                align = False if self.mode in ("bilinear", "bicubic") else None
+                out[key] = F.interpolate(pred[None].float(), size=size, mode=self.mode, align_corners=align)[0]
+        return out
+
+
+def clahe(images: np.ndarray, clip_limit: float = 7.0, tiles: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of uint8 images (N, H, W) or (H, W), OpenCV's algorithm.
+
+    Same steps as `cv2.createCLAHE(clipLimit, (tiles, tiles)).apply`: 256-bin histograms per tile clipped at
+    clip_limit x (tile area / 256), the excess spread over all bins, per-tile lookup tables blended bilinearly
+    between tile centres. The COVID CT slices were made with clipLimit 7 and 8x8 tiles, so volumes get the same.
+    """
+    array = np.asarray(images)
+    if array.dtype != np.uint8:
+        raise ValueError(f"clahe needs uint8 images, got {array.dtype}")
+    single = array.ndim == 2
+    batch = array[None] if single else array
+    n, height, width = batch.shape
+    pad_h, pad_w = -height % tiles, -width % tiles  # OpenCV pads to whole tiles with reflect-101 borders
+    padded = np.pad(batch, ((0, 0), (0, pad_h), (0, pad_w)), mode="reflect") if pad_h or pad_w else batch
+    tile_h, tile_w = padded.shape[1] // tiles, padded.shape[2] // tiles
+    area = tile_h * tile_w
+    # one histogram per (image, tile row, tile col)
+    blocks = padded.reshape(n, tiles, tile_h, tiles, tile_w).transpose(0, 1, 3, 2, 4).reshape(-1, area)
+    offsets = (np.arange(blocks.shape[0]) * 256)[:, None]
+    hist = np.bincount((blocks.astype(np.int64) + offsets).ravel(), minlength=blocks.shape[0] * 256)
+    hist = hist.reshape(-1, 256)
+    limit = max(int(clip_limit * area / 256), 1)
+    excess = np.maximum(hist - limit, 0).sum(axis=1)
+    hist = np.minimum(hist, limit) + (excess // 256)[:, None]
+    residual = excess % 256  # the last few counts go to every (256 // residual)-th bin, as OpenCV does
+    step = np.maximum(256 // np.maximum(residual, 1), 1)[:, None]
+    bins = np.arange(256)[None]
+    hist += ((bins % step == 0) & (bins // step < residual[:, None])).astype(hist.dtype)
+    # float32 arithmetic throughout, as OpenCV computes it, so results match cv2 bit for bit
+    scale = np.float32(255.0) / np.float32(area)
+    lut = np.clip(np.rint(np.cumsum(hist, axis=1).astype(np.float32) * scale), 0, 255).astype(np.float32)
+    lut = lut.reshape(n, tiles, tiles, 256)
+    # bilinear blend of the four nearest tiles' LUTs (tile centres at (t + 0.5) * tile size)
+    f32 = np.float32
+    ty = np.arange(height, dtype=f32) * (f32(1) / f32(tile_h)) - f32(0.5)
+    tx = np.arange(width, dtype=f32) * (f32(1) / f32(tile_w)) - f32(0.5)
+    y1, x1 = np.floor(ty).astype(int), np.floor(tx).astype(int)
+    wy, wx = (ty - y1).astype(f32)[:, None], (tx - x1).astype(f32)[None, :]
+    y2, x2 = np.minimum(y1 + 1, tiles - 1), np.minimum(x1 + 1, tiles - 1)
+    y1, x1 = np.maximum(y1, 0), np.maximum(x1, 0)
+    out = np.empty((n, height, width), dtype=np.uint8)
+    for i in range(n):
+        img, table = batch[i].astype(np.int64), lut[i]
+        top = table[y1[:, None], x1[None, :], img] * (f32(1) - wx) + table[y1[:, None], x2[None, :], img] * wx
+        bottom = table[y2[:, None], x1[None, :], img] * (f32(1) - wx) + table[y2[:, None], x2[None, :], img] * wx
+        out[i] = np.clip(np.rint(top * (f32(1) - wy) + bottom * wy), 0, 255)
+    return out[0] if single else out
