@@ -1,17 +1,17 @@
 """Share trained bundles: `package` one into a versioned zip, `index` a folder of zips, `install` from a folder or URL.
 
 A package `<name>_v<version>.zip` holds `<name>/` with configs, docs, LICENSE, models/model.pt (plain state dict),
-models/model.ts (TorchScript) and large_files.yml (sha256 of each weight file). `model_info.json` beside the zips
+its exports models/model.ts (TorchScript), models/model.onnx (and models/model.int8.onnx when one was exported beside
+the checkpoint), each with its sidecar `<file>.json` (medpipe.export.sidecar), and large_files.yml (sha256 of each
+weight and export file). `model_info.json` beside the zips
 maps `<name>_v<version>` to the zip, its sha256 and the MONAI/PyTorch versions it was made with (the MONAI model
 zoo's index, with sha256). `install` trusts nothing it downloads: it checks the zip's sha256 against the index,
-refuses absolute paths, `..` and links in the archive, checks each weight's sha256 and the versions, and loads the
-weights with `weights_only=True`."""
+refuses absolute paths, `..` and links in the archive, checks each weight's sha256, that each export matches its
+sidecar and was made from the packaged model.pt, the versions, and loads the weights with `weights_only=True`."""
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
 import os
 import re
 import shutil
@@ -20,7 +20,6 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,10 @@ from typing import Any
 import torch
 
 from medpipe.errors import MedpipeError
+from medpipe.export.exporters import export_torchscript  # noqa: F401  (tracking.mlflow imports it from here)
 from medpipe.files import atomic_write, atomic_write_text, sha256_file
 
-logger = logging.getLogger(__name__)
-
 INDEX_FILE = "model_info.json"
-WEIGHTS = ("models/model.pt", "models/model.ts")
 MAX_ARCHIVE_BYTES = 4 << 30  # refuse zip bombs and runaway downloads
 MAX_MEMBERS = 10_000
 ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed member timestamps: the same inputs give the same zip and sha256
@@ -46,29 +43,6 @@ def default_install_dir() -> Path:
     return Path(os.environ.get("MEDPIPE_ZOO_DIR") or Path.home() / ".cache" / "medpipe" / "bundles")
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    return t.as_tensor() if hasattr(t, "as_tensor") else t  # MONAI MetaTensor -> torch.Tensor
-
-
-def export_torchscript(network: torch.nn.Module, example: torch.Tensor, path: str | Path) -> Path:
-    """Script the network (trace it where scripting fails), check it reproduces the network on `example`, save it."""
-    net = copy.deepcopy(network).cpu().eval()
-    example = _plain(example).detach().cpu().float()
-    with torch.no_grad():
-        expected = net(example)
-        try:
-            exported = torch.jit.script(net)
-        except Exception as exc:  # Python TorchScript cannot compile: tracing records this input's path
-            logger.info(f"torch.jit.script failed ({type(exc).__name__}); tracing instead")
-            with warnings.catch_warnings():  # input-size checks become constants: right for this input size
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                exported = torch.jit.trace(net, example)
-        got = exported(example)
-    if not torch.allclose(_plain(got).float(), _plain(expected).float(), rtol=1e-4, atol=1e-5):
-        raise MedpipeError("the TorchScript export does not reproduce the network's output")
-    return atomic_write(path, lambda tmp: torch.jit.save(exported, str(tmp)))
-
-
 def _version_key(version: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.+-]", version))
 
@@ -76,24 +50,6 @@ def _version_key(version: str) -> tuple:
 def _major_minor(version: str) -> tuple[int, int]:
     parts = re.findall(r"\d+", version)[:2]
     return (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0) if parts else (0, 0)
-
-
-def _network(bundle_dir: Path, network: str | None, overrides: dict[str, Any]) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The bundle's bare network and a one-case example input (channels and spatial size from the config/metadata)."""
-    from monai.bundle import ConfigParser
-
-    from medpipe.bundle.config import check_override_keys, config_files
-
-    files = config_files(bundle_dir, "train", network)
-    check_override_keys(files, list(overrides))
-    parser = ConfigParser(ConfigParser.load_config_files(files))
-    parser.update({"bundle_root": str(bundle_dir.resolve()), **overrides})
-    net = parser.get_parsed_content("network_def")
-    image = json.loads((bundle_dir / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
-    shape = [int(s) for s in image["spatial_shape"]]
-    if "image_size" in parser:
-        shape = [int(parser.get_parsed_content("image_size"))] * len(shape)
-    return net, torch.rand(1, int(image["num_channels"]), *shape)
 
 
 def _entry(name: str, meta: dict[str, Any], zip_path: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -121,25 +77,19 @@ def package(
     import yaml
 
     from medpipe.bundle.config import find_bundle
+    from medpipe.export.exporters import bundle_network, load_weights
 
     bundle_dir = find_bundle(bundle)
     name, meta = bundle_dir.resolve().name, json.loads((bundle_dir / "configs" / "metadata.json").read_text())
     weights = Path(ckpt) if ckpt else bundle_dir / "models" / "model.pt"
     if not weights.is_file():
         raise MedpipeError(f"no weights '{weights}': train the bundle first or pass --ckpt")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    net, example = _network(bundle_dir, network, overrides)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        hint = "pass the --network and overrides it was trained with"
-        raise MedpipeError(f"'{weights}' does not fit the network ({hint}): {first}") from None
+    bundle_net = bundle_network(bundle_dir, network, overrides)
+    load_weights(bundle_net.net, weights)  # a checkpoint of another network is refused before anything is written
 
     zip_path = Path(out_dir) / f"{name}_v{meta['version']}.zip"
     with tempfile.TemporaryDirectory(prefix="medpipe-zoo-") as tmp:
-        export_torchscript(net, example, Path(tmp) / "model.ts")
-        shutil.copyfile(weights, Path(tmp) / "model.pt")
+        models = _exports(bundle_net, weights, Path(tmp))
         members: dict[str, Path] = {}
         for sub in ("configs", "docs"):
             for f in sorted((bundle_dir / sub).rglob("*")):
@@ -147,8 +97,10 @@ def package(
                     members[f"{sub}/{f.relative_to(bundle_dir / sub).as_posix()}"] = f
         if (bundle_dir / "LICENSE").is_file():
             members["LICENSE"] = bundle_dir / "LICENSE"
-        members["models/model.pt"], members["models/model.ts"] = Path(tmp) / "model.pt", Path(tmp) / "model.ts"
-        large = [{"path": p, "url": None, "hash_val": sha256_file(members[p]), "hash_type": "sha256"} for p in WEIGHTS]
+        members.update({f"models/{f.name}": f for f in models})
+        weight_files = [p for p in members if p.startswith("models/") and not p.endswith(".json")]
+        large = [{"path": p, "url": None, "hash_val": sha256_file(members[p]), "hash_type": "sha256"}
+                 for p in sorted(weight_files)]  # fmt: skip
         record = {"large_files": large, "packaged": {"network": network, "overrides": overrides}}
         (Path(tmp) / "large_files.yml").write_text(yaml.safe_dump(record, sort_keys=False))
         members["large_files.yml"] = Path(tmp) / "large_files.yml"
@@ -168,6 +120,30 @@ def package(
     atomic_write_text(Path(out_dir) / INDEX_FILE, json.dumps(entries, indent=2, sort_keys=True))
     print(f"packaged {zip_path} (sha256 {entries[key]['checksum']})")
     return zip_path
+
+
+def _exports(bundle_net: Any, weights: Path, folder: Path) -> list[Path]:
+    """models/ of a package in `folder`: model.pt, fresh TorchScript and ONNX exports with their sidecars, and the
+    int8 ONNX exported beside `weights` if there is one (verified to come from `weights`, its sidecar renamed)."""
+    from medpipe.export.exporters import export_network
+    from medpipe.export.sidecar import export_path, sidecar_path, verify_export
+
+    ckpt = folder / "model.pt"
+    shutil.copyfile(weights, ckpt)
+    files = [ckpt]
+    for fmt in ("torchscript", "onnx"):
+        out = export_network(bundle_net, ckpt, fmt)
+        files += [out, sidecar_path(out)]
+    int8 = export_path(weights, "onnx", "int8")
+    if int8.is_file():
+        hint = f"medpipe export {bundle_net.bundle_dir} --format onnx --quantize int8 --ckpt {weights}"
+        record = verify_export(int8, weights, hint)
+        target = export_path(ckpt, "onnx", "int8")
+        shutil.copyfile(int8, target)
+        record.update(file=target.name, checkpoint=ckpt.name)
+        sidecar_path(target).write_text(json.dumps(record, indent=2, sort_keys=True))
+        files += [target, sidecar_path(target)]
+    return files
 
 
 def _read_index_file(path: Path) -> dict[str, Any]:
@@ -314,8 +290,11 @@ def check_versions(meta: dict[str, Any]) -> None:
 
 
 def check_installed_bundle(bundle_dir: Path) -> None:
-    """Each weight file matches large_files.yml's sha256, and model.pt loads as plain tensors (weights_only)."""
+    """Each weight file matches large_files.yml's sha256, each export its sidecar and model.pt, and model.pt loads as
+    plain tensors (weights_only)."""
     import yaml
+
+    from medpipe.export.sidecar import verify_export
 
     listing = bundle_dir / "large_files.yml"
     record = yaml.safe_load(listing.read_text()) if listing.is_file() else None
@@ -327,8 +306,15 @@ def check_installed_bundle(bundle_dir: Path) -> None:
             raise MedpipeError(f"large_files.yml lists '{item.get('path')}', which the package lacks")
         if item.get("hash_type") != "sha256" or sha256_file(path) != item.get("hash_val"):
             raise MedpipeError(f"'{item.get('path')}' does not match its sha256 in large_files.yml; refusing it")
+    ckpt = bundle_dir / "models" / "model.pt"
+    listed = {str(item.get("path")) for item in record["large_files"]}
+    for export in sorted((bundle_dir / "models").glob("*")):
+        if export.suffix in (".onnx", ".ts"):
+            if f"models/{export.name}" not in listed:
+                raise MedpipeError(f"package has 'models/{export.name}', not listed in large_files.yml; refusing it")
+            verify_export(export, ckpt, "package the bundle again with `medpipe zoo package`")
     try:
-        torch.load(bundle_dir / "models" / "model.pt", map_location="cpu", weights_only=True)
+        torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise MedpipeError(f"models/model.pt does not load as plain weights (weights_only=True): {exc}") from None
 

@@ -171,7 +171,7 @@ def test_dicom_seg_skips_filled_gap_slices(tmp_path: Path) -> None:
     mask[4:8, 4:8, -3:] = 1
     seg = hd.seg.segread(dicom_seg.write_dicom_seg(mask, gappy, tmp_path / "seg.dcm", labels={1: "box"}))
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 4
-    assert seg.NumberOfFrames == 3
+    assert seg.NumberOfFrames == 4  # one frame per real slice and segment, empty ones included; filled slices none
 
 
 def test_dicom_seg_needs_dicom_source_and_named_labels(volume: dicom.Volume, tmp_path: Path) -> None:

@@ -53,8 +53,11 @@ def test_parallel_folds_write_every_fold_and_the_summary(tmp_path: Path) -> None
     summary = run_cv("brain_tumor_cls", "paper_cnn", 2, "group", str(tmp_path / "cv"), parallel=2,
                      dataset_dir=str(data), epochs=1)  # fmt: skip
     assert summary["parallel"] == 2 and summary["folds"] == 2 and summary["n"] == 12
-    for fold in (0, 1):
-        assert (tmp_path / "cv" / f"fold{fold}" / "predictions.csv").stat().st_size > 0
+    splits = json.loads((tmp_path / "cv" / "splits.json").read_text())
+    for fold in (0, 1):  # every fold job scored exactly the images splits.json holds out for it
+        with (tmp_path / "cv" / f"fold{fold}" / "predictions.csv").open(newline="") as fh:
+            scored = [row["path"] for row in csv.DictReader(fh)]
+        assert sorted(scored) == sorted(splits["folds"][fold]["val"]) and scored
 
 
 def test_a_failing_fold_in_a_worker_process_fails_the_cv(tmp_path: Path) -> None:

@@ -14,8 +14,12 @@ from conftest import REPO, real_dataset
 from medpipe.bundle.config import run_bundle
 from medpipe.data.datalists import class_weights, labels_csv_datalists, read_labels_csv
 from medpipe.errors import MedpipeError, find_medpipe_error
-from medpipe.evaluation.source_reports import pooled_source_report
-from medpipe.evaluation.source_reports import source_aware_report, source_controlled_auc, task_spec
+from medpipe.evaluation.source_reports import (
+    pooled_source_report,
+    source_aware_report,
+    source_controlled_auc,
+    task_spec,
+)
 from medpipe.io.images import load_grey_2d
 
 BUNDLE = REPO / "bundles" / "covid_cxr_cls"

@@ -72,7 +72,8 @@ def test_torchrun_two_ranks(bundle: Path, tmp_path: Path) -> None:
     proc = run_job(_ddp_cmd(bundle, [overlay], overrides))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["last.pt", "model.pt"]
+    files = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert files == ["last.pt", "mlflow_run.json", "model.pt", "model.trained_on.json"]
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -158,3 +159,11 @@ def test_resume_wiring(bundle: Path, tmp_path: Path) -> None:
     second = torch.load(tmp_path / "models" / "last.pt", map_location="cpu", weights_only=True)
     assert second["trainer"]["iteration"] == 2 * first["trainer"]["iteration"]
     assert second["optimizer"]["state"], "optimizer state was not saved"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_torchrun_on_the_whole_folder(bundle: Path, tmp_path: Path) -> None:
+    """`--fold -1` (how a final model is trained) under DDP: no validation part, so no validation sampler."""
+    proc = run_job(_ddp_cmd(bundle, [], {**_smoke(bundle, tmp_path), "fold": -1}))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file()

@@ -153,13 +153,18 @@ def test_ensembles_of_the_bundle_and_of_the_cv_agree(two_runs: Path) -> None:
 
 
 def test_cv_ensemble_refuses_runs_it_cannot_average(two_runs: Path, tmp_path: Path) -> None:
+    import shutil
+
     from medpipe.evaluation.cv_ensemble import ensemble_cv
 
     seed0, seed1, split1 = (str(two_runs / r) for r in ("seed0", "seed1", "split1"))
+    legacy = tmp_path / "legacy"  # a run from before splits.json: the per-fold image check still holds
+    shutil.copytree(split1, legacy)
+    (legacy / "splits.json").unlink()
     out = tmp_path / "out"
     cases = [
         ([seed0], "at least two"), ([seed0, seed0], "given twice"), ([seed0, str(tmp_path)], "no cv_summary.json"),
-        ([seed0, split1], "hold different images"),
+        ([seed0, split1], r"splits.json of .* differ \(fold 0\)"), ([seed0, str(legacy)], "hold different images"),
     ]  # fmt: skip
     for runs, message in cases:
         with pytest.raises(MedpipeError, match=message):

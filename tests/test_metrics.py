@@ -54,3 +54,27 @@ def test_multiclass_report_has_per_class_and_macro_auc() -> None:
 def test_shape_mismatch_is_refused() -> None:
     with pytest.raises(ValueError, match="probs shape"):
         classification_report([0, 1], [[0.1, 0.9, 0.0]] * 2, ["a", "b"])
+
+
+def test_report_has_calibration_figures_and_keeps_the_other_values() -> None:
+    """ece, brier and the reliability bins are added; every other value and CI is what it was before them."""
+    from medpipe.evaluation.metrics import bootstrap_cis, brier_score, expected_calibration_error, point_metrics
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, 120)
+    probs = rng.dirichlet([1, 1, 1], 120) + np.eye(3)[labels] * 0.3
+    probs /= probs.sum(1, keepdims=True)
+    report = classification_report(labels, probs, ["a", "b", "c"], n_boot=200, seed=7)
+    m = report["metrics"]
+    assert m["ece"]["value"] == pytest.approx(expected_calibration_error(labels, probs), abs=1e-6)
+    assert m["brier"]["value"] == pytest.approx(brier_score(labels, probs), abs=1e-6)
+    for name in ("ece", "brier"):
+        lo, hi = m[name]["ci95"]
+        assert lo <= m[name]["value"] <= hi
+    bins = report["calibration"]["reliability"]
+    assert sum(bins["counts"]) == 120 and set(bins) == {"bin_edges", "counts", "mean_confidence", "accuracy"}
+    old_cis = bootstrap_cis(labels, probs, 200, 7)  # the default metric set, as before calibration was added
+    for name, value in point_metrics(labels, probs).items():
+        entry = m[name] if "/" not in name else m["per_class"]["abc"[int(name[-1])]][name.split("/")[0]]
+        assert entry["value"] == pytest.approx(value, abs=1e-6)
+        assert entry["ci95"] == pytest.approx(list(old_cis[name]), abs=1e-6)

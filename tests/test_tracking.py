@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ from conftest import BUNDLES, REPO, real_dataset
 from medpipe.bundle.config import run_bundle
 from medpipe.cli import main
 from medpipe.errors import MedpipeError, find_medpipe_error
+from medpipe.tracking.client import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, get_or_create_experiment
 from medpipe.tracking.mlflow import flatten_metrics, preflight
 from medpipe.tracking.plots import plot_overlays
 
@@ -68,25 +70,35 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=15)
 
 
+def start_mlflow_server(root: Path, workers: int = 2) -> tuple[str, subprocess.Popen]:
+    """A real `mlflow server` (sqlite backend, proxied artifacts) on a free 127.0.0.1 port, answering /health;
+    the caller stops it with `stop(proc)`."""
+    if shutil.which("mlflow") is None and not (Path(sys.executable).parent / "mlflow").is_file():
+        pytest.skip("the mlflow command is not installed")
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    cmd = [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--backend-store-uri",
+           f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with (root / "server.log").open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=300)  # generous: a loaded CI box is slow
+    except BaseException:
+        stop(proc)
+        raise
+    return f"http://127.0.0.1:{port}", proc
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` (sqlite backend, proxied artifacts, 2 workers) on a free 127.0.0.1 port."""
-    if shutil.which("mlflow") is None and not (Path(sys.executable).parent / "mlflow").is_file():
-        pytest.skip("the mlflow command is not installed")
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    cmd = [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--backend-store-uri",
-           f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=300)  # generous: a loaded CI box is slow
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         stop(proc)
-        log.close()
 
 
 def _smoke(bundle: Path, tmp_path: Path) -> dict:
@@ -114,12 +126,15 @@ def test_train_and_evaluate_are_tracked(bundle: Path, tmp_path: Path, mlflow_ser
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name(experiment)
+    assert exp.tags.get(EXPERIMENT_KIND_TAG) == MODEL_TRAINING_KIND
     runs = {r.data.tags["job"]: r for r in client.search_runs([exp.experiment_id])}
     assert sorted(runs) == ["evaluate", "train"] and all(r.info.status == "FINISHED" for r in runs.values())
     train, evaluate = runs["train"], runs["evaluate"]
 
     train_cfg = json.loads((bundle / "configs" / "train.json").read_text())
-    assert CORE_PARAMS <= set(train.data.params) and set(train_cfg["tracking_params"]) <= set(train.data.params)
+    declared = train_cfg["tracking_params"]  # a dict, or "$dict(network=@network_name, …)"
+    declared = set(declared) if isinstance(declared, dict) else set(re.findall(r"(\w+)=", declared))
+    assert CORE_PARAMS <= set(train.data.params) and declared <= set(train.data.params), declared
     assert train.data.params["epochs"] == str(common["epochs"]) and train.data.params["seed"] == "0"
     assert int(train.data.params["n_train"]) > 0
     for run in (train, evaluate):
@@ -133,6 +148,7 @@ def test_train_and_evaluate_are_tracked(bundle: Path, tmp_path: Path, mlflow_ser
 
     train_files = _artifacts(client, train.info.run_id)
     assert TRAIN_ARTIFACTS <= train_files and "plots/learning_curves.png" in train_files
+
     def artifact_json(run_id: str, path: str) -> dict:
         return json.loads(Path(client.download_artifacts(run_id, path, str(tmp_path))).read_text())
 
@@ -183,8 +199,9 @@ def test_ui_lists_the_runs(mlflow_server: str, tmp_path: Path) -> None:
     names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
     cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000",
            "--dump-dom", f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs"]  # fmt: skip
-    browser = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               start_new_session=True)  # its renderer processes share the group: one kill ends all
+    browser = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )  # its renderer processes share the group: one kill ends all
     try:
         dom, _ = browser.communicate(timeout=120)
     finally:
@@ -225,6 +242,52 @@ def test_file_store_is_refused_with_the_sqlite_spelling(tmp_path: Path) -> None:
         preflight(str(tmp_path / "mlruns"))
     assert preflight(f"sqlite:///{tmp_path}/runs/mlflow.db").startswith("sqlite:///")
     assert (tmp_path / "runs").is_dir()
+
+
+def test_experiments_are_created_as_model_training(tmp_path: Path) -> None:
+    """MLflow 3's UI opens an experiment on its runs table only when it is tagged as classic model training."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    new = get_or_create_experiment(client, "new", uri)
+    untagged = client.create_experiment("made-by-an-earlier-medpipe")
+    chosen = client.create_experiment("users-choice", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    assert get_or_create_experiment(client, "made-by-an-earlier-medpipe", uri) == untagged
+    assert get_or_create_experiment(client, "users-choice", uri) == chosen
+    kinds = [client.get_experiment(e).tags.get(EXPERIMENT_KIND_TAG) for e in (new, untagged, chosen)]
+    assert kinds == [MODEL_TRAINING_KIND, MODEL_TRAINING_KIND, "genai_development"]  # a user's own kind is kept
+
+
+def test_model_training_kind_is_the_installed_uis() -> None:
+    """The kind's value is the one the installed MLflow UI calls 'Machine learning' (its JS bundle, no Python
+    constant exists): a rename in a later MLflow fails here rather than silently showing the GenAI page."""
+    import mlflow
+
+    js = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    if not js.is_dir():
+        pytest.skip("this mlflow has no UI bundle")
+    declared = f'CUSTOM_MODEL_DEVELOPMENT="{MODEL_TRAINING_KIND}"'
+    assert any(declared in f.read_text(errors="ignore") for f in js.glob("*.js"))
+
+
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("htp:/x", "unknown scheme 'htp:'"),
+        ("https://", "names no server"),
+        ("sqlite://x.db", "three slashes"),
+        ("file:///tmp/mlruns", "use sqlite:////tmp/mlruns/mlflow.db"),
+    ],
+)
+def test_malformed_tracking_uri_names_the_fault(uri: str, expected: str) -> None:
+    with pytest.raises(MedpipeError) as raised:
+        preflight(uri)
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_database_uris_pass_the_spelling_check() -> None:
+    assert preflight("postgresql+psycopg2://user@db.example/mlflow").startswith("postgresql")
 
 
 def test_flatten_metrics_names_cis() -> None:

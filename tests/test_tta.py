@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medpipe.errors import MedpipeError
+from medpipe.errors import MedpipeError, find_medpipe_error
 from medpipe.inferers.mirror import MirrorAveragingInferer, mean_probability_logits
 
 
@@ -103,12 +103,19 @@ def test_rescore_reproduces_a_run_and_adds_mirroring(tmp_path: Path) -> None:
         name = f"fold{fold}/predictions.csv"
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "cv" / name).read_bytes()
     assert again["rescored_from"] == str(tmp_path / "cv") and again["n"] == 12
+    assert (tmp_path / "again" / "splits.json").read_text() == (tmp_path / "cv" / "splits.json").read_text()
     mirrored = rescore_cv(str(tmp_path / "cv"), str(tmp_path / "tta"), tta=True)
     assert mirrored["overrides"]["tta"] is True
     fold0 = json.loads((tmp_path / "tta" / "fold0" / "metrics.json").read_text())
     assert fold0["tta"] is True
     plain = (tmp_path / "cv" / "fold0" / "predictions.csv").read_bytes()
     assert (tmp_path / "tta" / "fold0" / "predictions.csv").read_bytes() != plain
+    # the folds come from the run's splits.json: an image added since cannot silently move images between folds
+    (data / "yes" / "added.png").write_bytes((data / "yes" / "synthetic_yes_000.png").read_bytes())
+    with pytest.raises(Exception) as info:  # noqa: PT011 - MONAI wraps it; the CLI prints the MedpipeError inside
+        rescore_cv(str(tmp_path / "cv"), str(tmp_path / "added"))
+    assert "in no val fold (first: 'yes/added.png')" in str(find_medpipe_error(info.value))
+    assert not list((tmp_path / "added").rglob("*.csv")) and not (tmp_path / "added" / "splits.json").exists()
 
 
 def test_rescore_refuses_a_folder_that_is_not_a_run_or_its_own_output(tmp_path: Path) -> None:

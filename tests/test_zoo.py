@@ -4,6 +4,7 @@ bundle's inference matches the source bundle's; and every bad input is refused i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -19,7 +20,9 @@ import torch
 from conftest import BUNDLES, real_dataset
 from medpipe.bundle.config import run_bundle
 from medpipe.cli import main
-from medpipe.zoo import _network, package, sha256_file
+from medpipe.export.exporters import bundle_network
+from medpipe.export.runtime import runtime_network
+from medpipe.zoo import package, sha256_file
 
 
 def free_port() -> int:
@@ -63,7 +66,7 @@ def _spec(bundle: Path) -> dict:
 def _weights(bundle: Path, tmp_path: Path, overrides: dict) -> Path:
     """Seeded untrained weights: the round trip must reproduce any weights exactly, trained or not."""
     torch.manual_seed(0)
-    net, _ = _network(bundle, None, overrides)
+    net = bundle_network(bundle, None, overrides).net
     path = tmp_path / "src_models" / "model.pt"
     path.parent.mkdir(parents=True)
     torch.save(net.state_dict(), path)
@@ -104,13 +107,21 @@ def test_package_serve_install_infer(bundle: Path, tmp_path: Path, zoo_dir: Path
     with zipfile.ZipFile(zip_path) as zf:
         names = set(zf.namelist())
     assert {f"{bundle.name}/{p}" for p in ("configs/metadata.json", "configs/inference.json", "models/model.pt",
-                                           "models/model.ts", "large_files.yml", "LICENSE")} <= names  # fmt: skip
+                                           "models/model.ts", "models/model.ts.json", "models/model.onnx",
+                                           "models/model.onnx.json", "large_files.yml", "LICENSE")
+            } <= names  # fmt: skip
     assert len(entry["checksum"]) == 64 and entry["monai_version"] and entry["pytorch_version"]
 
     dest = tmp_path / "installed"
     assert main(["zoo", "install", bundle.name, "--index", http_index, "--dest", str(dest)]) == 0
     installed = dest / bundle.name
     assert torch.jit.load(str(installed / "models" / "model.ts")) is not None
+    example = bundle_network(bundle, None, net_overrides)
+    example.net.load_state_dict(torch.load(weights, weights_only=True))
+    with torch.no_grad():  # the installed exports are verified and give the packaged weights' answers
+        for runtime in ("onnxruntime", "torchscript"):
+            got = runtime_network(example.net, runtime, installed / "models" / "model.pt")(example.example)
+            assert torch.allclose(got, example.net(example.example), atol=1e-4), runtime
 
     common = {"dataset_dir": str(data), "seed": 0, **spec["smoke_overrides"]}
     run_bundle(bundle, "inference", output_dir=str(tmp_path / "src_out"), ckpt_dir=str(weights.parent), **common)
@@ -176,6 +187,25 @@ def test_bad_install_inputs_are_one_line(package_dir: Path, tmp_path: Path, caps
     assert "not found" in _install_error(capsys, name, str(tmp_path / "no_index"), dest)
 
 
+def _swap_export_and_listing(src: Path, dst: Path) -> None:
+    """Replace models/model.onnx and update large_files.yml to match: only the export's sidecar can tell."""
+    import yaml
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        swapped = zin.read(next(n for n in zin.namelist() if n.endswith("models/model.onnx"))) + b"\0"
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("models/model.onnx"):
+                data = swapped
+            elif info.filename.endswith("large_files.yml"):
+                record = yaml.safe_load(data)
+                for item in record["large_files"]:
+                    if item["path"] == "models/model.onnx":
+                        item["hash_val"] = hashlib.sha256(swapped).hexdigest()
+                data = yaml.safe_dump(record).encode()
+            zout.writestr(info, data)
+
+
 def test_tampered_archives_are_refused(package_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     name = BUNDLES[0].name
 
@@ -196,6 +226,9 @@ def test_tampered_archives_are_refused(package_dir: Path, tmp_path: Path, capsys
         "absolute path": (_rewrite(zipfile.ZipInfo("/tmp/evil.txt"), b"x"), True, "unsafe path"),
         "symlink": (_rewrite(link, b"/etc/passwd"), True, "link or special file"),
         "swapped weights": (_rewrite(drop="models/model.pt", swap=b"not weights"), True, "does not match its sha256"),
+        "swapped export": (_rewrite(drop="models/model.onnx", swap=b"not onnx"), True, "does not match its sha256"),
+        "listed export swapped": (_swap_export_and_listing, True, "does not match the sha256 in 'model.onnx.json'"),
+        "unlisted export": (_rewrite(zipfile.ZipInfo(f"{name}/models/extra.onnx"), b"x"), True, "not listed"),
     }
     for label, (edit, rehash, message) in cases.items():
         case_dir = tmp_path / label.replace(" ", "_")

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medpipe.bundle.parameters import apply_to_running_config, coerce_values, declared_parameters
 from medpipe.errors import MedpipeError, install_excepthook
 
 logger = logging.getLogger(__name__)
@@ -64,19 +65,19 @@ def check_override_keys(config_files: Sequence[str], keys: Sequence[str]) -> Non
 
 
 def check_overrides(argv: Sequence[str] | None = None) -> None:
-    """Called from the configs' `initialize`: validate `python -m monai.bundle run …`'s overrides.
+    """The configs' first `initialize` step: one-line errors, known override keys, typed parameter values.
 
-    Also installs the one-line error hook, so bad input ends the run with one readable line.
+    Installs the one-line error hook; refuses `python -m monai.bundle run …` override keys that no config defines; then
+    coerces the declared parameters of the running config (`'false'` → False, `'3'` → 3) or refuses them in one line.
     """
     install_excepthook()
     argv = sys.argv if argv is None else argv
-    if not argv or not str(argv[0]).replace("\\", "/").endswith("monai/bundle/__main__.py"):
-        return  # started from Python (tests, `medpipe run`): those callers check their own keys
-    config_file = _argv_value(argv, "config_file")
-    if config_file is None:
-        return
-    keys = [t[2:].split("=", 1)[0] for t in argv[1:] if t.startswith("--")]
-    check_override_keys(_as_file_list(config_file), keys)
+    if argv and str(argv[0]).replace("\\", "/").endswith("monai/bundle/__main__.py"):
+        config_file = _argv_value(argv, "config_file")
+        if config_file is not None:
+            keys = [t[2:].split("=", 1)[0] for t in argv[1:] if t.startswith("--")]
+            check_override_keys(_as_file_list(config_file), keys)
+    apply_to_running_config()
 
 
 def flag(value: Any) -> bool:
@@ -128,6 +129,7 @@ def run_config_files(files: Sequence[str | Path], **overrides: Any) -> list[Any]
 
     files = [str(f) for f in files]
     check_override_keys(files, list(overrides))
+    overrides.update(coerce_values(declared_parameters(Path(files[0]).resolve().parent.parent), overrides))
     overrides.setdefault("bundle_root", str(Path(files[0]).resolve().parent.parent))
     workflow = ConfigWorkflow(config_file=files, workflow_type=None, **overrides)
     workflow.initialize()

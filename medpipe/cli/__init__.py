@@ -5,6 +5,7 @@ Verbs are imported lazily so that `medpipe --help` does not import torch, MONAI 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ from medpipe.errors import find_medpipe_error
 # verb -> "module:function"; add a line here to add a verb.
 VERBS: dict[str, str] = {
     "run": "medpipe.cli.commands:run_command",
+    "run_help": "medpipe.cli.commands:run_help_command",
     "cv": "medpipe.cli.commands:cv_command",
     "cv_report": "medpipe.cli.commands:cv_report_command",
     "cv_rescore": "medpipe.cli.commands:cv_rescore_command",
@@ -23,9 +25,13 @@ VERBS: dict[str, str] = {
     "ingest": "medpipe.cli.commands:ingest_command",
     "compare": "medpipe.cli.commands:compare_command",
     "zoo": "medpipe.cli.commands:zoo_command",
+    "export": "medpipe.cli.commands:export_command",
+    "serve": "medpipe.cli.commands:serve_command",
+    "pull": "medpipe.cli.commands:pull_command",
+    "cards": "medpipe.cli.commands:cards_command",
+    "calibrate": "medpipe.cli.commands:calibrate_command",
+    "guard": "medpipe.cli.commands:guard_command",
 }
-
-
 
 
 def _lazy(target: str) -> Callable[..., Any]:
@@ -43,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     import fire
 
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) > 1 and argv[0] == "run" and not argv[1].startswith("-") and {"--help", "-h"} & set(argv):
+        argv = [a for a in argv if a not in ("--help", "-h")]  # the bundle's declared parameters, not fire's help
+        return main(["run_help", *argv[1:]])
     if argv and argv[0] in VERBS:
         # show the real function's signature and docstring for `medpipe VERB --help`
         module_name, func_name = VERBS[argv[0]].split(":")
@@ -64,7 +73,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    if code:
+        # leave now, as the bundles' one-line error hook does: worker threads torn down by a normal shutdown after a
+        # failed job can abort the process ("terminate called without an active exception", exit 134)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

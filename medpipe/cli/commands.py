@@ -28,9 +28,14 @@ def ingest_command(
     --skip_invalid: leave invalid series out (listed in the summary) instead of failing.
     --date_shift_days N: keep the study date shifted by N days in the sidecar (default: dates removed).
     """
+    from medpipe.bundle.config import flag
     from medpipe.io.ingest import format_summary, ingest
 
-    summary = ingest(str(dicom_dir), str(out_dir), str(on_gap), bool(skip_invalid), date_shift_days)
+    try:
+        skip = flag(skip_invalid)  # fire passes `--skip_invalid false` as the string 'false'
+    except MedpipeError as exc:
+        raise MedpipeError(f"--skip_invalid: {exc}") from exc
+    summary = ingest(str(dicom_dir), str(out_dir), str(on_gap), skip, date_shift_days)
     print(format_summary(summary))
 
 
@@ -54,24 +59,39 @@ def run_command(bundle: str, config: str = "train", network: str | None = None, 
     run_bundle(find_bundle(bundle), config, network, **overrides)
 
 
+def run_help_command(bundle: str, config: str = "train", network: str | None = None) -> None:
+    """medpipe run BUNDLE [train|evaluate|inference] --help — the bundle's declared parameters with their defaults."""
+    from medpipe.bundle.config import config_files, find_bundle
+    from medpipe.bundle.parameters import describe_parameters
+
+    bundle_dir = find_bundle(bundle)
+    print(f"medpipe run {bundle} {config} [--network NAME] [--key value …]; parameters:\n")
+    print(describe_parameters(bundle_dir, config_files(bundle_dir, config, network)))
+
+
 def cv_command(
     bundle: str, network: str | None = None, folds: int = 5, split_mode: str = "group", out: str | None = None,
-    parallel: int = 1, **overrides: Any,
+    parallel: int = 1, splits: str | None = None, **overrides: Any,
 ) -> None:
     """medpipe cv BUNDLE [--network NAME] [--folds 5] [--split_mode group|random] [--out DIR] [--parallel N]
-    [--key value …]
+    [--splits FILE] [--key value …]
 
     --parallel N trains N folds at a time in separate processes, splitting the CPU cores between them.
-    Writes `<out>/fold<k>/{model.pt,metrics.json,predictions.csv}` and `<out>/cv_summary.json` (mean ± sd over
-    folds, and pooled out-of-fold metrics with bootstrap CIs).
+    --splits FILE reuses the fold partition of a splits.json (e.g. another run's `<out>/splits.json`).
+    --out must be a new folder, or one holding no fold results. Writes `<out>/splits.json` before any fold runs,
+    `<out>/fold<k>/{model.pt,metrics.json,predictions.csv}` and `<out>/cv_summary.json` (mean ± sd over folds, and
+    pooled out-of-fold metrics with bootstrap CIs).
     """
     from medpipe.evaluation.cv import run_cv
 
-    run_cv(bundle, network, folds, split_mode, out, parallel, **overrides)
+    run_cv(bundle, network, folds, split_mode, out, parallel, splits, **overrides)
 
 
 def cv_report_command(out: str) -> None:
-    """medpipe cv_report OUT_DIR — rebuild cv_summary.json from the fold folders' files and print it."""
+    """medpipe cv_report OUT_DIR — rebuild cv_summary.json from the fold folders' files and print it.
+
+    A run with fewer finished folds than its splits.json holds is summarised with a warning and marked incomplete
+    (`folds_completed`, `missing_folds`); cv_rescore and cv_ensemble refuse such a run."""
     from medpipe.evaluation.cv import rebuild_summary
 
     rebuild_summary(Path(out))
@@ -126,6 +146,65 @@ def zoo_command(action: str, *args: Any, **kwargs: Any) -> None:
     logging.getLogger("medpipe.zoo").info(f"zoo {action} took {time.time() - started:.1f}s")
 
 
+def serve_command(
+    routing: str, work_dir: str | None = None, port: int | None = None, ae_title: str | None = None,
+    quiet_seconds: float | None = None,
+) -> None:
+    """medpipe serve ROUTING_FILE [--work_dir DIR] [--port N] [--ae_title AE] [--quiet_seconds S]
+    medpipe serve status WORK_DIR
+
+    Run the DICOM node (docs/serve.md) until SIGTERM / Ctrl-C; the options override the routing file's `node`.
+    `status` prints queue counts, jobs waiting to send and the last errors of the node whose work folder is WORK_DIR.
+    """
+    import logging
+    import signal
+
+    if routing == "status":
+        from medpipe.serve.status import format_status, node_status
+
+        print(format_status(node_status(work_dir or ".")))
+        return
+    from medpipe.serve.routing import load_settings
+    from medpipe.serve.worker import Node
+
+    settings = load_settings(routing, work_dir=work_dir, port=port, ae_title=ae_title, quiet_seconds=quiet_seconds)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    node = Node(settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: node.stopping.set())
+    print(f"medpipe node {settings.ae_title} on {settings.host}:{settings.port}, work folder {settings.work_dir}")
+    node.serve_forever()
+
+
+def pull_command(study_uid: str, routing: str, source: str, work_dir: str | None = None) -> None:
+    """medpipe pull STUDY_UID ROUTING_FILE --source AE@HOST:PORT [--work_dir DIR]
+
+    Fetch a study by C-GET from a PACS into the node's queue (the running `medpipe serve` processes it).
+    """
+    from medpipe.serve.pull import parse_peer, pull_study
+    from medpipe.serve.routing import load_settings
+
+    settings = load_settings(routing, work_dir=work_dir)
+    count = pull_study(settings, parse_peer(source), str(study_uid))
+    print(f"pulled {count} instance(s) of study {study_uid} into {settings.work_dir}")
+
+
+def export_command(
+    bundle: str, format: str = "onnx", quantize: str | None = None, ckpt: str | None = None,  # noqa: A002
+    network: str | None = None, calibration_images: int = 32, **overrides: Any,
+) -> None:
+    """medpipe export BUNDLE --format onnx|torchscript [--quantize int8] [--ckpt PATH] [--network NAME] [--key value …]
+
+    Writes the trained network beside the checkpoint (default the bundle's ckpt_path): model.onnx, model.int8.onnx
+    or model.ts, verified against eager PyTorch, with a sidecar <file>.json (sha256, checkpoint sha256, versions).
+    int8 is calibrated on --calibration_images training images (needs the bundle's data). Run the bundle on it with
+    `--runtime onnxruntime|onnxruntime_int8|torchscript`.
+    """
+    from medpipe.export.exporters import export_bundle
+
+    export_bundle(bundle, format, quantize, ckpt, network, calibration_images, **overrides)
+
+
 def _table(metrics: dict) -> str:
     rows = ["| metric | value | 95 % CI |", "|---|---|---|"]
     for name, entry in metrics["metrics"].items():
@@ -167,3 +246,73 @@ def demo_command(out: str = "results/demo", network: str = "paper_cnn", epochs: 
     print(f"\n{BANNER}\nbrain_tumor_cls / {network}, group-aware fold 0 of 5, {source}\n{BANNER}")
     print(_table(metrics))
     print(f"\nfiles: {out_dir / 'metrics.json'}, {out_dir / 'predictions.csv'}, {out_dir / 'models' / 'model.pt'}")
+
+
+def cards_command(action: str = "render", *args: Any, root: str = ".", **kwargs: Any) -> None:
+    """medpipe cards render|check [--root .]
+    medpipe cards add RESULTS_JSON RUN_DIR --recipe NAME [--table performance] [--label TEXT] [--command CMD]
+        [--date YYYY-MM-DD] [--device TEXT]
+
+    render: rewrite the performance tables of the model cards from docs/results/*.json; check: fail if a card
+    differs from its results file; add: put a CV run's cv_summary.json into a results file as a row, then render.
+    """
+    from medpipe.evaluation.results_tables import add_run, render_all, render_file
+
+    if action == "add":
+        known = {"recipe", "table", "label", "command", "date", "device"}
+        if len(args) != 2 or "recipe" not in kwargs or set(kwargs) - known:
+            raise MedpipeError(
+                "usage: medpipe cards add RESULTS_JSON RUN_DIR --recipe NAME [--table T] [--label TEXT] "
+                "[--command CMD] [--date YYYY-MM-DD] [--device TEXT]"
+            )
+        row = add_run(args[0], args[1], **{k: str(v) for k, v in kwargs.items()})  # fire turns '7' into 7
+        print(f"{args[0]}: row '{row['recipe']}' from {args[1]}")
+        changed = render_file(args[0], root)
+    elif action in ("render", "check"):
+        if args or kwargs:
+            raise MedpipeError(f"medpipe cards {action} takes only --root, got {list(args) + list(kwargs)}")
+        changed = render_all(root, check=action == "check")
+    else:
+        raise MedpipeError(f"medpipe cards: unknown action '{action}'; use render, check or add")
+    print("\n".join(f"rendered {p}" for p in changed) if changed else "cards are up to date")
+
+
+def calibrate_command(run: str, out: str | None = None) -> None:
+    """medpipe calibrate RUN_DIR [--out FILE] — fit a temperature on a CV run's out-of-fold predictions.
+
+    Reads `RUN_DIR/fold*/predictions.csv`, writes calibration.json (default `RUN_DIR/calibration.json`: temperature,
+    ECE / Brier / NLL before and after, reliability bins, the uncertainty threshold that flags 10 % of cases and the
+    accuracy of flagged vs unflagged cases) and prints before/after. Bundles apply it with `--calibration_file FILE`.
+    """
+    from medpipe.evaluation.calibration import calibrate_run, format_calibration
+
+    print(format_calibration(calibrate_run(run, out)))
+
+
+def guard_command(
+    action: str, *paths: str, expected: str | None = None, data_root: str | None = None, out: str | None = None,
+    seed: int = 0, model_file: str | None = None,
+) -> None:
+    """medpipe guard fit [--data_root $MEDPIPE_DATA] [--out FILE] [--seed 0]
+    medpipe guard check IMAGE [IMAGE …] --expected brain_mri|chest_xray|ct [--model_file FILE]
+
+    fit: refit the wrong-input guard on a group-aware draw of the shared sets and print held-out flag rates
+    (default --out: the package's medpipe/inference/input_guard.npz). check: one line per image (ok, or what it
+    looks like instead).
+    """
+    if action == "fit":
+        from medpipe.data.datalists import data_root as default_root
+        from medpipe.inference.guard_fit import fit_guard, format_measurement
+
+        print(format_measurement(fit_guard(data_root or default_root(), out, int(seed))))
+    elif action == "check":
+        from medpipe.inference.input_guard import MODALITIES, InputGuard
+
+        if not paths or expected not in MODALITIES:
+            raise MedpipeError(f"usage: medpipe guard check IMAGE [IMAGE …] --expected one of {sorted(MODALITIES)}")
+        guard = InputGuard(expected, model_file, log_flags=False)  # the lines below say it once
+        for path in paths:
+            modality, verdict = guard.check(str(path))
+            print(f"{path}: {verdict} (most like {modality})")
+    else:
+        raise MedpipeError(f"medpipe guard: unknown action '{action}'; use fit or check")

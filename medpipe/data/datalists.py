@@ -7,7 +7,9 @@ ever lands on both sides of a split."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,14 +18,13 @@ from typing import Any
 import numpy as np
 
 from medpipe.data.duplicates import find_copies
-from medpipe.data.splits import _shuffled_by, fold_indices, split_items
+from medpipe.data.splits import _shuffled_by, apply_splits, check_fold, fold_indices, split_items
 from medpipe.errors import MedpipeError
-from medpipe.io.images import is_image_file
+from medpipe.io.images import IMAGE_SUFFIXES, is_image_file
 
+logger = logging.getLogger(__name__)
 GROUP_COLUMNS = ("near_duplicate_group", "group", "patient_id", "volume_group")
 LABELS_CSV_COLUMNS = ("image", "label", "patient_id")
-
-
 
 
 def data_root() -> Path:
@@ -39,21 +40,49 @@ def dataset_dir(name: str) -> str:
     return str(data_root() / name)
 
 
-def _read_manifest_groups(root: Path) -> dict[str, str]:
-    """Map relative path -> group id from MANIFEST.csv, when the folder has one with a group column."""
+def _read_manifest_groups(root: Path, class_names: Sequence[str], split_mode: str = "group") -> dict[str, str]:
+    """Map relative path -> group id ('' = its own group) of every row of `<root>/MANIFEST.csv`; {} without one.
+
+    A manifest that cannot group (no `path` column; no group column while split_mode is 'group'), is not UTF-8,
+    names files that do not exist, or gives a class label that contradicts the file's class folder is refused in
+    one line: ignoring it would silently turn a group split into a random one."""
     manifest = root / "MANIFEST.csv"
     if not manifest.is_file():
         return {}
-    with manifest.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    column = next((c for c in GROUP_COLUMNS if rows and c in rows[0]), None)
-    if column is None or "path" not in rows[0]:
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MedpipeError(f"'{manifest}' is not UTF-8 text (byte {exc.start}): save it as UTF-8 CSV") from exc
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows, fields = list(reader), reader.fieldnames or []
+    if "path" not in fields:
+        raise MedpipeError(f"'{manifest}' has no 'path' column (columns {fields}): rows cannot be matched to images")
+    column = next((c for c in GROUP_COLUMNS if c in fields), None)
+    if column is None and split_mode == "group":
+        raise MedpipeError(
+            f"'{manifest}' has no group column (one of {list(GROUP_COLUMNS)}): split_mode group would not keep copies "
+            "together; add the column or use --split_mode random"
+        )
+    missing = [row["path"] for row in rows if not (root / (row["path"] or "").strip()).is_file()]
+    if missing:
+        raise MedpipeError(f"'{manifest}' names {len(missing)} file(s) that do not exist (first: '{missing[0]}')")
+    if "label" in fields:  # only labels written as class names can be compared with the class folder
+        wrong = [row for row in rows if (row["label"] or "").strip() in class_names
+                 and Path(row["path"].strip()).parts[0] != row["label"].strip()]  # fmt: skip
+        if wrong:
+            raise MedpipeError(f"'{manifest}' gives {len(wrong)} file(s) a label that contradicts their class folder "
+                               f"(first: '{wrong[0]['path']}' labelled '{wrong[0]['label']}')")  # fmt: skip
+    if column is None:  # split_mode random: the manifest has nothing to say about groups
         return {}
-    return {row["path"]: row[column] for row in rows if row.get(column)}
+    return {row["path"].strip(): (row.get(column) or "").strip() for row in rows}
 
 
-def scan_class_folders(root: str | Path, class_names: Sequence[str]) -> list[dict[str, Any]]:
-    """List every image under `<root>/<class>/` as {image, label, path, group}; refuse anything ambiguous."""
+def scan_class_folders(
+    root: str | Path, class_names: Sequence[str], split_mode: str = "group"
+) -> list[dict[str, Any]]:
+    """List every image under `<root>/<class>/` as {image, label, path, group}; refuse anything ambiguous.
+
+    Images that a grouping MANIFEST.csv does not list get their own group, with a warning giving their count."""
     root = Path(root)
     if not root.is_dir():
         raise MedpipeError(f"dataset folder '{root}' does not exist; set --dataset_dir or MEDPIPE_DATA")
@@ -66,7 +95,7 @@ def scan_class_folders(root: str | Path, class_names: Sequence[str]) -> list[dic
         raise MedpipeError(
             f"'{root}' has no folder for class(es) {missing}: every class {list(class_names)} needs images"
         )
-    groups = _read_manifest_groups(root)
+    groups = _read_manifest_groups(root, class_names, split_mode)
     items: list[dict[str, Any]] = []
     for label, class_name in enumerate(class_names):
         files = sorted(p for p in (root / class_name).rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -76,7 +105,11 @@ def scan_class_folders(root: str | Path, class_names: Sequence[str]) -> list[dic
             if not is_image_file(path):
                 raise MedpipeError(f"'{path}' is not an image file; remove it from the class folder")
             rel = path.relative_to(root).as_posix()
-            items.append({"image": str(path), "label": label, "path": rel, "group": groups.get(rel, rel)})
+            items.append({"image": str(path), "label": label, "path": rel, "group": groups.get(rel) or rel})
+    unlisted = [it["path"] for it in items if it["path"] not in groups]
+    if groups and unlisted:
+        logger.warning(f"{len(unlisted)} image(s) under '{root}' are not in MANIFEST.csv (first: '{unlisted[0]}'); "
+                       "each is its own group")  # fmt: skip
     return items
 
 
@@ -91,20 +124,29 @@ def cap_items(items: list[dict[str, Any]], max_cases: int, seed: int = 0) -> lis
 
 def class_folder_datalists(
     dataset_dir: str | Path, class_names: Sequence[str], fold: int, num_folds: int = 5, seed: int = 0,
-    split_mode: str = "group", max_cases: int = -1,
+    split_mode: str = "group", max_cases: int = -1, splits_file: str | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Scan a class-folder data set and split it: what the classification bundles' `datalists` id holds."""
-    items = cap_items(scan_class_folders(dataset_dir, class_names), max_cases, seed)
-    return split_items(items, fold, num_folds, seed, split_mode)
+    """Scan a class-folder data set and split it: what the classification bundles' `datalists` id holds.
+
+    `splits_file`: take fold `fold`'s lists from a splits.json (medpipe.data.splits) instead of computing them."""
+    items = cap_items(scan_class_folders(dataset_dir, class_names, split_mode), max_cases, seed)
+    return split_items(items, fold, num_folds, seed, split_mode, splits_file)
 
 
 def inference_items(inputs: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Images to predict: a folder (searched recursively), one file, or a list of files."""
+    """Images to predict: a folder (searched recursively), one file, or a list of files.
+
+    Files in a folder that are not supported images are skipped with a warning that gives their count."""
     paths: list[Path] = []
     for entry in [inputs] if isinstance(inputs, (str, Path)) else list(inputs):
         entry = Path(entry)
         if entry.is_dir():
-            paths += sorted(p for p in entry.rglob("*") if p.is_file() and is_image_file(p))
+            files = sorted(p for p in entry.rglob("*") if p.is_file() and not p.name.startswith("."))
+            skipped = [p for p in files if not is_image_file(p)]
+            if skipped:
+                logger.warning(f"skipped {len(skipped)} file(s) in '{entry}' that are not supported images "
+                               f"(first: '{skipped[0].name}'; supported: {sorted(IMAGE_SUFFIXES)})")  # fmt: skip
+            paths += [p for p in files if is_image_file(p)]
         elif entry.is_file():
             if not is_image_file(entry):
                 raise MedpipeError(f"'{entry}' is not a supported image file")
@@ -169,10 +211,13 @@ def read_labels_csv(
 def labels_csv_datalists(
     dataset_dir: str | Path, class_names: Sequence[str], label_map: dict[str, str] | None, fold: int,
     num_folds: int = 5, seed: int = 0, split_mode: str = "group", max_cases: int = -1, csv_name: str = "labels.csv",
+    splits_file: str | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Read a labels.csv data set and split it by patient, stratified by class: a CSV twin of class_folder_datalists."""
+    """Read a labels.csv data set and split it by patient, stratified by class: a CSV twin of class_folder_datalists.
+
+    `splits_file`: take fold `fold`'s lists from a splits.json (medpipe.data.splits) instead of computing them."""
     items = cap_items(read_labels_csv(dataset_dir, class_names, label_map, csv_name), max_cases, seed)
-    return split_items(items, fold, num_folds, seed, split_mode)
+    return split_items(items, fold, num_folds, seed, split_mode, splits_file)
 
 
 def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> list[float]:
@@ -235,17 +280,21 @@ def cap_groups(items: list[dict[str, Any]], max_cases: int, seed: int = 0) -> li
 
 def seg_datalists(
     dataset_dir: str | Path, fold: int, num_folds: int = 5, seed: int = 0, split_mode: str = "group",
-    max_cases: int = -1,
+    max_cases: int = -1, splits_file: str | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """{'train', 'val', 'test'} for a segmentation datalist.json: folds grouped by volume, stratified by source.
 
     The stratum is the group name's prefix before the first '_' (coronacases / radiopaedia), so every fold sees
     both sources; 'test' is the file's `testing` section (empty when it has none). Fold -1: all data trains.
+    `splits_file`: take fold `fold`'s lists from a splits.json (ids: the entries' `image` paths) instead.
     """
+    fold, num_folds = check_fold(fold, num_folds)
     items = cap_groups(read_seg_datalist(dataset_dir, "training"), max_cases, seed)
     if not items:
         raise MedpipeError(f"'{Path(dataset_dir) / 'datalist.json'}' has an empty 'training' list")
     test = read_seg_datalist(dataset_dir, "testing")
+    if splits_file:
+        return {**apply_splits(items, splits_file, fold, num_folds), "test": test}
     if fold == -1:
         return {"train": items, "val": [], "test": test}
     groups = [it["group"] for it in items]

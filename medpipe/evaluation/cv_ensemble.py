@@ -4,20 +4,21 @@ Several `medpipe cv` runs made on the same fold partition (same `--split_seed`; 
 each scored every held-out fold with a model trained without it. Averaging, fold by fold, the class probabilities
 those models gave each image is what the bundle's `ensemble_ckpts` key computes at scoring time, so the averaged
 out-of-fold predictions estimate that ensemble without any model seeing the image it scores. Runs whose folds hold
-different images are refused: averaging them would mix in models that trained on the image."""
+different images are refused: averaging them would mix in models that trained on the image. Runs that carry a
+splits.json must carry the same partition (it is copied into the output); each fold's files are checked as a pair."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medpipe.data.splits import read_splits
 from medpipe.errors import MedpipeError
-from medpipe.evaluation.cv import check_out_dir, read_predictions, read_run_summary, write_summary
+from medpipe.evaluation.cv import SPLITS_FILE, check_out_dir, read_predictions, read_run_summary, write_summary
 from medpipe.evaluation.metrics import classification_report
-from medpipe.evaluation.reports import predictions_csv
+from medpipe.evaluation.reports import check_report_files, predictions_csv, write_report_files
 from medpipe.files import atomic_write_text
 
 
@@ -26,6 +27,8 @@ def _fold_rows(run_dir: Path, fold: int) -> tuple[dict[str, dict[str, str]], lis
     path = run_dir / f"fold{fold}" / "predictions.csv"
     if not path.is_file():
         raise MedpipeError(f"'{run_dir}' lacks fold{fold}/predictions.csv: rebuild the run or leave it out")
+    if (path.parent / "metrics.json").is_file():
+        check_report_files(path.parent)
     rows, class_names = read_predictions([path])
     if "label" not in rows[0]:
         raise MedpipeError(f"{path} has no label column: only evaluated folds can be ensembled")
@@ -57,6 +60,20 @@ def fold_members(run_dirs: list[Path], fold: int) -> tuple[list[str], list[int],
     return paths, labels, np.asarray(probs), class_names
 
 
+def _same_partition(run_dirs: list[Path]) -> str | None:
+    """The runs' common splits.json text (None when no run has one); MedpipeError if two runs' partitions differ."""
+    found = [(d, [set(f["val"]) for f in read_splits(d / SPLITS_FILE)["folds"]]) for d in run_dirs
+             if (d / SPLITS_FILE).is_file()]  # fmt: skip
+    for run_dir, folds in found[1:]:
+        if folds != found[0][1]:
+            differs = next((k for k, (a, b) in enumerate(zip(folds, found[0][1], strict=False)) if a != b), "count")
+            raise MedpipeError(
+                f"the splits.json of '{run_dir}' and of '{found[0][0]}' differ (fold {differs}): ensemble only runs "
+                "made on the same partition (same --split_seed, --folds and --split_mode, or --splits FILE)"
+            )
+    return (found[0][0] / SPLITS_FILE).read_text() if found else None
+
+
 def ensemble_cv(runs: list[str], out: str) -> dict[str, Any]:
     """Average the out-of-fold probabilities of `runs` fold by fold into `out` (predictions, metrics, cv_summary)."""
     run_dirs, out_dir = [Path(r) for r in runs], Path(out)
@@ -73,6 +90,7 @@ def ensemble_cv(runs: list[str], out: str) -> dict[str, Any]:
             raise MedpipeError(f"the runs differ in {key} ({sorted(values)}): ensemble runs made on the same folds")
     folds = int(summaries[0]["folds"])
     check_out_dir(out_dir, folds)
+    partition = _same_partition(run_dirs)
     scored = [fold_members(run_dirs, fold) for fold in range(folds)]  # every check passes before anything is written
     wrong_by_all: list[str] = []
     for fold, (paths, labels, members, class_names) in enumerate(scored):
@@ -80,12 +98,12 @@ def ensemble_cv(runs: list[str], out: str) -> dict[str, Any]:
         # images every member gets wrong: an ensemble cannot fix these (hard, or labelled unlike the rest)
         wrong = members.argmax(axis=2) != np.asarray(labels)[None, :]
         wrong_by_all += [p for p, w in zip(paths, wrong.all(axis=0), strict=True) if w]
-        fold_dir = out_dir / f"fold{fold}"
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(fold_dir / "predictions.csv", predictions_csv(paths, probs, class_names, labels))
         report = {"fold": fold, "ensemble_of": [str(d / f"fold{fold}") for d in run_dirs],
                   **classification_report(labels, probs, class_names)}  # fmt: skip
-        atomic_write_text(fold_dir / "metrics.json", json.dumps(report, indent=2))
+        write_report_files(out_dir / f"fold{fold}",
+                           {"predictions.csv": predictions_csv(paths, probs, class_names, labels)}, report)  # fmt: skip
+    if partition is not None:
+        atomic_write_text(out_dir / SPLITS_FILE, partition)
     info = {
         "bundle": summaries[0].get("bundle"), "network": "ensemble", "split_mode": summaries[0].get("split_mode"),
         "folds": folds, "ensemble_of": [str(d) for d in run_dirs],

@@ -1,7 +1,14 @@
 """Classification metrics with 95 % bootstrap confidence intervals, as written to `metrics.json`.
 
 With two classes the second class is the positive one (sensitivity = recall of class 1); with more, every class
-gets one-vs-rest sensitivity, specificity and ROC-AUC, and the macro-AUC is their mean."""
+gets one-vs-rest sensitivity, specificity and ROC-AUC, and the macro-AUC is their mean.
+
+Calibration figures (top-label, as in Guo et al. 2017): a case's confidence is its highest class probability; cases
+fall in N_BINS equal-width confidence bins [left, right) (the last holds 1.0, as monai.metrics.calibration_binning
+does); ECE is the case-weighted mean |accuracy - mean confidence| over the bins. MONAI's CalibrationErrorMetric is
+class-wise (each channel one-vs-rest), not the figure the literature reports, and runs per batch in torch; the
+top-label figure is computed here in numpy (a test checks it equals MONAI's metric fed top-label confidence and
+correctness)."""
 
 from __future__ import annotations
 
@@ -11,7 +18,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
+N_BINS = 10  # confidence bins of the reliability diagram and ECE
 Metric = Callable[[np.ndarray, np.ndarray], float]
+Metrics = Callable[[np.ndarray, np.ndarray], dict[str, float]]  # (labels, probs) -> {name: value}
 
 
 
@@ -68,18 +77,83 @@ def point_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return out
 
 
+def class_probabilities(probs: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+    """(N, C) float probabilities; a 1-D input is one sigmoid output per case, P(class 1)."""
+    arr = np.asarray(probs, dtype=float)
+    if arr.ndim == 1:  # one sigmoid output is P(class 1)
+        arr = np.stack([1 - arr, arr], axis=1)
+    if arr.ndim != 2 or arr.shape[1] < 2:
+        raise ValueError(f"expected (N, C>=2) class probabilities, got shape {arr.shape}")
+    return arr
+
+
+def reliability_bins(
+    labels: Sequence[int] | np.ndarray, probs: Sequence[Sequence[float]] | np.ndarray, n_bins: int = N_BINS
+) -> dict[str, list]:
+    """Reliability-diagram data: per confidence bin the case count, mean confidence and accuracy (null if empty)."""
+    p = class_probabilities(probs)
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == np.asarray(labels, dtype=int)).astype(float)
+    idx = np.clip((confidence * n_bins).astype(int), 0, n_bins - 1)
+    counts = np.bincount(idx, minlength=n_bins)
+    conf_sum = np.bincount(idx, weights=confidence, minlength=n_bins)
+    correct_sum = np.bincount(idx, weights=correct, minlength=n_bins)
+
+    def per_bin(sums: np.ndarray) -> list[float | None]:
+        return [round(float(s / c), 6) if c else None for s, c in zip(sums, counts, strict=True)]
+
+    return {
+        "bin_edges": [round(i / n_bins, 6) for i in range(n_bins + 1)],
+        "counts": counts.tolist(),
+        "mean_confidence": per_bin(conf_sum),
+        "accuracy": per_bin(correct_sum),
+    }
+
+
+def expected_calibration_error(
+    labels: Sequence[int] | np.ndarray, probs: Sequence[Sequence[float]] | np.ndarray, n_bins: int = N_BINS
+) -> float:
+    """Top-label ECE: sum over bins of (cases in bin / N) * |accuracy - mean confidence|."""
+    bins = reliability_bins(labels, probs, n_bins)
+    n = sum(bins["counts"])
+    return float(sum(c / n * abs(a - m) for c, a, m in zip(bins["counts"], bins["accuracy"], bins["mean_confidence"],
+                                                           strict=True) if c))  # fmt: skip
+
+
+def brier_score(labels: Sequence[int] | np.ndarray, probs: Sequence[Sequence[float]] | np.ndarray) -> float:
+    """Two classes: mean (p1 - y)^2, the usual binary Brier score in [0, 1]; more: mean over cases of the summed
+    squared error over classes (Brier's original, in [0, 2])."""
+    p = class_probabilities(probs)
+    onehot = np.eye(p.shape[1])[np.asarray(labels, dtype=int)]
+    if p.shape[1] == 2:
+        return float(np.mean((p[:, 1] - onehot[:, 1]) ** 2))
+    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
+def calibration_point(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """{'ece', 'brier'} of one set of cases (what metrics.json bootstraps alongside the other metrics)."""
+    return {"ece": expected_calibration_error(labels, probs), "brier": brier_score(labels, probs)}
+
+
 def bootstrap_cis(
-    labels: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0
+    labels: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0, metrics: Metrics | None = None
 ) -> dict[str, tuple[float, float]]:
-    """Percentile 95 % CI of every point metric over `n_boot` case resamples (undefined resamples skipped)."""
+    """Percentile 95 % CI of every metric `metrics` (default point_metrics) returns, over `n_boot` case resamples
+    (undefined resamples skipped)."""
+    metrics = metrics or point_metrics
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {}
     for _ in range(n_boot):
         idx = rng.integers(0, len(labels), len(labels))
-        for name, value in point_metrics(labels[idx], probs[idx]).items():
+        for name, value in metrics(labels[idx], probs[idx]).items():
             if not np.isnan(value):
                 samples.setdefault(name, []).append(value)
     return {name: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for name, v in samples.items()}
+
+
+def _with_calibration(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """point_metrics plus ECE and Brier score, bootstrapped on the same resamples."""
+    return point_metrics(labels, probs) | calibration_point(labels, probs)
 
 
 def _clean(value: float) -> float | None:
@@ -95,6 +169,9 @@ def classification_report(
 ) -> dict[str, Any]:
     """The metrics.json payload: every metric as {value, ci95}, plus n, class counts and the confusion matrix.
 
+    `metrics` also holds `ece` and `brier` (how far the probabilities are from observed frequencies), and
+    `calibration.reliability` the reliability-diagram bins (count, mean confidence, accuracy per bin).
+
     Metrics that a one-class subset cannot define (AUC, specificity…) are null rather than made up.
     """
     labels_arr = np.asarray(labels, dtype=int)
@@ -105,8 +182,8 @@ def classification_report(
         raise ValueError(f"probs shape {probs_arr.shape} != ({len(labels_arr)}, {len(class_names)})")
     if len(labels_arr) == 0:
         raise ValueError("no cases to score")
-    point = point_metrics(labels_arr, probs_arr)
-    cis = bootstrap_cis(labels_arr, probs_arr, n_boot, seed) if n_boot else {}
+    point = _with_calibration(labels_arr, probs_arr)
+    cis = bootstrap_cis(labels_arr, probs_arr, n_boot, seed, _with_calibration) if n_boot else {}
     metrics: dict[str, Any] = {}
     for name, value in point.items():
         lo_hi = cis.get(name)
@@ -126,6 +203,11 @@ def classification_report(
         "confusion_matrix": confusion_matrix(labels_arr, probs_arr.argmax(axis=1), len(class_names)).tolist(),
         "ci_method": f"percentile bootstrap over cases, {n_boot} resamples, seed {seed}",
         "metrics": metrics,
+        "calibration": {
+            "method": f"top-label confidence in {N_BINS} equal-width bins; ece = case-weighted mean |accuracy - "
+                      "confidence|; brier: binary (p1 - y)^2, multi-class summed over classes",
+            "reliability": reliability_bins(labels_arr, probs_arr, N_BINS),
+        },
     }
 
 

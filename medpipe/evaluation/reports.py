@@ -1,4 +1,8 @@
-"""Ignite handlers that turn an evaluator run into files: predictions.csv and metrics.json."""
+"""Ignite handlers that turn an evaluator run into files: predictions.csv and metrics.json.
+
+The files of one evaluation are written as a pair (write_report_files): the data files first, metrics.json last and
+stamped with their sha256, so a job killed in between cannot leave new predictions beside an older metrics.json
+that a reader would accept (check_report_files)."""
 
 from __future__ import annotations
 
@@ -14,12 +18,49 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from medpipe.errors import MedpipeError
+from medpipe.evaluation.calibration import report_columns
 from medpipe.evaluation.metrics import classification_report
-from medpipe.files import atomic_write_text
+from medpipe.files import atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
 
+FILES_SHA256 = "files_sha256"  # metrics.json key: {data file name: sha256} of the files it was computed from
 
+
+def write_report_files(
+    output_dir: str | Path, data_files: Mapping[str, str], metrics: Mapping[str, Any] | None = None
+) -> None:
+    """Write `data_files` ({name: text}) into `output_dir`, then `metrics` as metrics.json, last, with their sha256.
+
+    Each file is atomic; writing metrics.json last and stamping it makes the pair checkable (check_report_files)."""
+    output_dir = Path(output_dir)
+    for name, text in data_files.items():
+        atomic_write_text(output_dir / name, text)
+    if metrics is not None:
+        stamp = {name: sha256_file(output_dir / name) for name in data_files}
+        atomic_write_text(output_dir / "metrics.json", json.dumps({**metrics, FILES_SHA256: stamp}, indent=2))
+
+
+def check_report_files(folder: str | Path) -> dict[str, Any]:
+    """metrics.json of `folder`, after checking that the data files it was computed from are the ones beside it.
+
+    MedpipeError in one line otherwise (a job killed between writing them, or files copied from another run).
+    A metrics.json without the stamp (written before it existed) is accepted as it is."""
+    folder = Path(folder)
+    metrics_file = folder / "metrics.json"
+    try:
+        report = json.loads(metrics_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MedpipeError(f"cannot read '{metrics_file}' ({exc}): evaluate this fold again") from exc
+    for name, digest in (report.get(FILES_SHA256) or {}).items():
+        data_file = folder / name
+        if not data_file.is_file() or sha256_file(data_file) != digest:
+            raise MedpipeError(
+                f"'{data_file}' is not the file '{metrics_file}' was computed from (a job killed between writing "
+                "them, or files from another run): evaluate this fold again"
+            )
+    return report
 
 
 def _as_list(x: Any) -> list:
@@ -83,8 +124,9 @@ class EpochCollector:
 class ClassificationReport(EpochCollector):
     """Collect per-case probabilities over one evaluator epoch and write them out.
 
-    Always writes `<output_dir>/predictions.csv` (path, one probability column per class, predicted class, and
-    the true class when labels are known); with labels also `<output_dir>/metrics.json` (medpipe.metrics).
+    Always writes `<output_dir>/predictions.csv` (path, one probability column per class, predicted class, the
+    per-case `columns` (uncertainty, flag; the input guard's verdict when given), and the true class when labels
+    are known); with labels also `<output_dir>/metrics.json` (medpipe.metrics).
     """
 
     def __init__(
@@ -98,9 +140,13 @@ class ClassificationReport(EpochCollector):
         pred_key: str = "pred",
         label_key: str = "label",
         path_key: str = "path",
+        columns: Sequence[Any] | None = None,
     ) -> None:
+        """columns: per-case column sources (`header`, `cells(path, probabilities)`) written after `predicted`;
+        default the uncertainty columns (medpipe.evaluation.calibration.report_columns)."""
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
+        self.columns = report_columns() if columns is None else [c for c in columns if c is not None]
         self.with_labels = with_labels
         self.n_boot, self.seed = n_boot, seed
         self.info = info or {}
@@ -116,8 +162,10 @@ class ClassificationReport(EpochCollector):
     def _predictions_csv(self) -> str:
         paths, probs = [r[0] for r in self.records], [r[1] for r in self.records]
         labels = [r[2] for r in self.records] if self.with_labels else None
-        extra = [self._extra_cells(i) for i in range(len(self.records))]
-        return predictions_csv(paths, probs, self.class_names, labels, self._extra_header(), extra)
+        extra = [self._extra_cells(i) + [cell for c in self.columns for cell in c.cells(paths[i], probs[i])]
+                 for i in range(len(self.records))]  # fmt: skip
+        header = self._extra_header() + [name for c in self.columns for name in c.header]
+        return predictions_csv(paths, probs, self.class_names, labels, header, extra)
 
     def _extra_header(self) -> list[str]:
         """Columns a subclass adds after `predicted` (none here)."""
@@ -127,13 +175,15 @@ class ClassificationReport(EpochCollector):
         return []
 
     def _write(self, engine: Engine) -> None:
-        atomic_write_text(self.output_dir / "predictions.csv", self._predictions_csv())
-        logger.info(f"wrote {len(self.records)} predictions to {self.output_dir / 'predictions.csv'}")
+        files = {"predictions.csv": self._predictions_csv()}
         if not self.with_labels:
+            write_report_files(self.output_dir, files)
+            logger.info(f"wrote {len(self.records)} predictions to {self.output_dir / 'predictions.csv'}")
             return
         labels = [r[2] for r in self.records]
         report = classification_report(labels, [r[1] for r in self.records], self.class_names, self.n_boot, self.seed)
         report = {**self.info, **report}
-        atomic_write_text(self.output_dir / "metrics.json", json.dumps(report, indent=2))
+        write_report_files(self.output_dir, files, report)
+        logger.info(f"wrote {len(self.records)} predictions to {self.output_dir / 'predictions.csv'}")
         acc, auc = report["metrics"]["accuracy"]["value"], report["metrics"].get("roc_auc", {}).get("value")
         logger.info(f"accuracy {acc}, ROC-AUC {auc} on {report['n']} cases: {self.output_dir / 'metrics.json'}")

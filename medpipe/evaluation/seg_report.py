@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,8 +15,7 @@ import torch
 from ignite.engine import Engine
 
 from medpipe.errors import MedpipeError
-from medpipe.evaluation.reports import EpochCollector
-from medpipe.files import atomic_write_text
+from medpipe.evaluation.reports import EpochCollector, write_report_files
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +95,8 @@ class SegmentationReport(EpochCollector):
             "empty_masks": "both empty: Dice 1, HD95 0; one empty: Dice 0, boundary points count the image diagonal",
             **report,
         }
-        atomic_write_text(self.output_dir / "per_slice.csv", _rows_csv(slice_rows))
-        atomic_write_text(self.output_dir / "per_volume.csv", _rows_csv(volume_rows))
-        atomic_write_text(self.output_dir / "metrics.json", json.dumps(report, indent=2))
+        files = {"per_slice.csv": _rows_csv(slice_rows), "per_volume.csv": _rows_csv(volume_rows)}
+        write_report_files(self.output_dir, files, report)
         per_volume = report["metrics"]["per_volume"]
         summary = ", ".join(f"{k} {v['value']}" for k, v in per_volume.items())
         logger.info(f"{report['n']} slices / {report['n_volumes']} volumes: {summary} -> {self.output_dir}")

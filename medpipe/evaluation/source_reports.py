@@ -6,7 +6,6 @@ source-controlled test: COVID-19 vs pneumonia among images of one source only (i
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,8 +16,7 @@ from ignite.engine import Engine
 
 from medpipe.errors import MedpipeError
 from medpipe.evaluation.metrics import classification_report
-from medpipe.evaluation.reports import ClassificationReport, _as_list
-from medpipe.files import atomic_write_text
+from medpipe.evaluation.reports import ClassificationReport, _as_list, write_report_files
 
 logger = logging.getLogger(__name__)
 
@@ -119,15 +117,17 @@ class SourceAwareReport(ClassificationReport):
         return list(self.meta[row])
 
     def _write(self, engine: Engine) -> None:
-        atomic_write_text(self.output_dir / "predictions.csv", self._predictions_csv())
-        logger.info(f"wrote {len(self.records)} predictions to {self.output_dir / 'predictions.csv'}")
+        files = {"predictions.csv": self._predictions_csv()}
         if not self.with_labels:
+            write_report_files(self.output_dir, files)
+            logger.info(f"wrote {len(self.records)} predictions to {self.output_dir / 'predictions.csv'}")
             return
         report = source_aware_report(
             [r[2] for r in self.records], np.stack([r[1] for r in self.records]), [m[0] for m in self.meta],
             [m[1] for m in self.meta], self.class_names, self.n_boot, self.seed,
         )
-        atomic_write_text(self.output_dir / "metrics.json", json.dumps({**self.info, **report}, indent=2))
+        # predictions.csv and metrics.json as a pair (metrics last, with the predictions' hash): see reports.py
+        write_report_files(self.output_dir, files, {**self.info, **report})
         sc = report["source_controlled"]["roc_auc"]
         logger.info(
             f"macro/ROC-AUC {report['metrics'].get('macro_roc_auc', report['metrics'].get('roc_auc'))}, "

@@ -4,7 +4,12 @@ Each axial slice goes through the intensity pipeline the COVID CT training slice
 [0, 1] → 256² → 8-bit → CLAHE), is predicted at the model's size, and the class probabilities are resized back to
 the native grid (medpipe.io.ct.reassemble). Outputs per volume: `<name>_seg.nii.gz` (the label map),
 `<name>_lung.nii.gz` and `<name>_infection.nii.gz` (binary), `<name>_seg.dcm` (DICOM-SEG, DICOM input only), and
-one `report.json` for all inputs with lung and infection volumes in mL."""
+one `report.json` for all inputs with lung and infection volumes in mL.
+
+All or nothing: every output is written into a staging folder inside the output folder and moved into place,
+report.json last, only when all were written (medpipe.files.staged_outputs); a failing writer leaves no partial set
+and one line. A DICOM series whose type-1 UIDs a DICOM-SEG needs are empty (some de-identified research sets) gets
+no SEG: the reason is logged and recorded in the report's `warnings`."""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +27,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from medpipe.errors import MedpipeError
-from medpipe.files import atomic_write_text
+from medpipe.files import atomic_write_text, staged_outputs
 from medpipe.io import ct, dicom_seg
 from medpipe.io.dicom import Volume
 from medpipe.transforms.seg import clahe
@@ -32,8 +38,7 @@ logger = logging.getLogger(__name__)
 MAX_AXIAL_TILT_DEG = 30.0
 # the lowest HU of a chest CT is air (about -1000); a volume whose minimum is above this is not in HU
 MAX_MIN_HU = -500.0
-
-
+REPORT = "report.json"
 
 
 def check_axial_ct(volume: Volume, name: str) -> None:
@@ -71,7 +76,7 @@ def predict_slices(
 ) -> np.ndarray:
     """Softmax class probabilities (N, C, image_size, image_size) for [0, 1] slices, batch by batch."""
     network.eval()
-    device = next(network.parameters()).device
+    device = next(iter(network.parameters()), torch.empty(0)).device  # an ONNX Runtime network has no parameters
     probs = []
     for start in range(0, len(slices), batch_size):
         batch = torch.from_numpy(slices[start : start + batch_size, None]).to(device)
@@ -100,6 +105,18 @@ def keep_lung_components(mask: np.ndarray, keep: int = 2) -> np.ndarray:
     out = mask.copy()
     out[~np.isin(components, kept)] = 0
     return out
+
+
+def _write(what: str, write: Callable[[], Path]) -> Path:
+    """Run one writer; its failure becomes one line (OSErrors are left to staged_outputs, which says the same)."""
+    try:
+        return write()
+    except OSError:
+        raise
+    except MedpipeError as exc:
+        raise MedpipeError(f"writing {what} failed: {exc}; nothing was written") from exc
+    except Exception as exc:  # a writer library's own error (highdicom, nibabel): still one line, nothing left
+        raise MedpipeError(f"writing {what} failed ({type(exc).__name__}: {exc}); nothing was written") from exc
 
 
 def _stem(path: Path) -> str:
@@ -160,33 +177,53 @@ class VolumeSegmenter:
         out_dir = Path(output_dir)
         # load and check everything first, so a bad input stops the run before anything is written
         volumes = [(path, ct.load_volume(path)) for path in paths]
+        seg_blockers: dict[Path, str | None] = {}
         for path, volume in volumes:
             check_axial_ct(volume, str(path))
-        out_dir.mkdir(parents=True, exist_ok=True)  # medpipe.ct's writers expect the folder to exist
-        entries = []
-        for path, volume in volumes:
-            started, stem = time.perf_counter(), _stem(path)
-            mask = self.segment(volume, str(path))
-            files = {
-                "seg": ct.write_mask_nifti(mask, volume.affine, out_dir / f"{stem}_seg.nii.gz"),
-                "lung": ct.write_mask_nifti(mask >= 1, volume.affine, out_dir / f"{stem}_lung.nii.gz"),
-                "infection": ct.write_mask_nifti(mask == 2, volume.affine, out_dir / f"{stem}_infection.nii.gz"),
-            }
             if self.write_dicom_seg and volume.source_files:
-                files["dicom_seg"] = dicom_seg.write_dicom_seg(
-                    mask, volume, out_dir / f"{stem}_seg.dcm", labels=self.label_names, algorithm="covid_ct_seg"
+                seg_blockers[path] = dicom_seg.volume_seg_blocker(volume)
+        entries = []
+        with staged_outputs(out_dir, "the segmentation outputs", last=(REPORT,)) as staging:
+            for path, volume in volumes:
+                entries.append(self._segment_and_write(path, volume, staging, seg_blockers.get(path)))
+            atomic_write_text(staging / REPORT, json.dumps(self._report(entries), indent=2))
+        return self._report(entries)
+
+    def _segment_and_write(self, path: Path, volume: Volume, out_dir: Path, seg_blocker: str | None) -> dict[str, Any]:
+        """Segment one volume, write its masks (and DICOM-SEG) into `out_dir`; return its report entry."""
+        started, stem = time.perf_counter(), _stem(path)
+        mask = self.segment(volume, str(path))
+        files: dict[str, Path] = {}
+        for key, values in (("seg", mask), ("lung", mask >= 1), ("infection", mask == 2)):
+            target = out_dir / f"{stem}_{key}.nii.gz"
+            files[key] = _write(target.name, partial(ct.write_mask_nifti, values, volume.affine, target))
+        warnings = []
+        if self.write_dicom_seg and volume.source_files:
+            if seg_blocker:
+                warnings.append(f"no DICOM-SEG: {seg_blocker}")
+                logger.warning(f"{path}: {warnings[-1]}")
+            else:
+                target = out_dir / f"{stem}_seg.dcm"
+                write = partial(
+                    dicom_seg.write_dicom_seg, mask, volume, target, labels=self.label_names, algorithm="covid_ct_seg"
                 )
-            entries.append({
-                "input": str(path),
-                "shape": list(volume.array.shape),
-                "spacing_mm": [round(s, 4) for s in volume.spacing],
-                **self.volume_report(mask, volume),
-                "files": {k: Path(v).name for k, v in files.items()},
-                "seconds": round(time.perf_counter() - started, 2),
-            })  # fmt: skip
-            lung_ml, infection_ml = entries[-1]["lung_volume_ml"], entries[-1]["infection_volume_ml"]
-            logger.info(f"{path}: lung {lung_ml} mL, infection {infection_ml} mL")
-        report = {
+                files["dicom_seg"] = _write(target.name, write)
+        entry = {
+            "input": str(path),
+            "shape": list(volume.array.shape),
+            "spacing_mm": [round(s, 4) for s in volume.spacing],
+            **self.volume_report(mask, volume),
+            "files": {k: Path(v).name for k, v in files.items()},
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        if warnings:
+            entry["warnings"] = warnings
+        logger.info(f"{path}: lung {entry['lung_volume_ml']} mL, infection {entry['infection_volume_ml']} mL")
+        return entry
+
+    def _report(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        """report.json: run info, labels, the preprocessing in words, and one entry per volume."""
+        return {
             **self.info,
             "labels": {"0": "background", **{str(k): v for k, v in self.label_names.items()}},
             "preprocessing": (
@@ -202,5 +239,3 @@ class VolumeSegmenter:
             ),
             "volumes": entries,
         }
-        atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
-        return report

@@ -38,8 +38,6 @@ _DISPLAY = axcodes2ornt(("L", "P", "S"))
 # ----------------------------------------------------------------------------------------------------------- loading
 
 
-
-
 def load_volume(path: str | Path, on_gap: str = "error") -> Volume:
     """A DICOM series folder or a NIfTI file, as a Volume (array + RAS affine + spacing)."""
     path = Path(path)

@@ -1,5 +1,12 @@
 """De-identification of DICOM header values for the JSON sidecars ingestion writes: pseudonymous UIDs,
-shifted dates, free text cleaned of identifying strings."""
+shifted dates, and every string from the header passed through one explicit policy (`SIDECAR_STRINGS`).
+
+Policies: "code" is a technical code string (CS-like: upper-case letters, digits, space, `_`, `-`, `.`, `+`,
+`\\`, at most 16 characters per value, e.g. BodyPartExamined "CHEST", PatientPosition "HFS"); a value that does
+not look like one (e.g. "CHEST - J SMITH") is cleaned as free text. "text" is free text (descriptions, protocol
+and device names): identifier values found anywhere in the header, person-name syntax (A^B), dates and long digit
+runs (MRNs, accession numbers) are blanked. Both policies blank identifier values, since a code string can be
+abused to hold a name too."""
 
 from __future__ import annotations
 
@@ -22,32 +29,46 @@ log = logging.getLogger(__name__)
 # PS3.15 basic profile, as an allow-list: only technical attributes reach the sidecar, so names, IDs, birth dates,
 # institution, physicians, accession numbers, UIDs and dates (unless shifted) never do.
 DEID_METHOD = "DICOM PS3.15 Basic Application Confidentiality Profile (allow-list of technical attributes)"
-_TEXT_FIELDS = {"series_description": "SeriesDescription", "convolution_kernel": "ConvolutionKernel"}
-_TECH_FIELDS = {
-    "manufacturer": "Manufacturer",
-    "manufacturer_model_name": "ManufacturerModelName",
-    "body_part_examined": "BodyPartExamined",
-    "patient_position": "PatientPosition",
+# sidecar key -> (DICOM keyword, policy): the only header strings that reach the sidecar
+SIDECAR_STRINGS: dict[str, tuple[str, str]] = {
+    "series_description": ("SeriesDescription", "text"),
+    "study_description": ("StudyDescription", "text"),
+    "protocol_name": ("ProtocolName", "text"),
+    "manufacturer": ("Manufacturer", "text"),
+    "manufacturer_model_name": ("ManufacturerModelName", "text"),
+    "convolution_kernel": ("ConvolutionKernel", "code"),
+    "body_part_examined": ("BodyPartExamined", "code"),
+    "patient_position": ("PatientPosition", "code"),
 }
+_CODE = re.compile(r"[A-Z0-9 _.+\-]{0,16}")
 # attributes whose values must not appear inside the free-text fields we keep (Clean Descriptors option)
 _IDENTIFYING = (
     "PatientName",
     "PatientID",
     "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
     "PatientBirthDate",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
     "AccessionNumber",
     "InstitutionName",
     "InstitutionAddress",
+    "InstitutionalDepartmentName",
     "ReferringPhysicianName",
     "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "PhysiciansOfRecord",
+    "RequestingPhysician",
     "OperatorsName",
     "StationName",
     "StudyID",
     "DeviceSerialNumber",
 )
 _DATE_LIKE = re.compile(r"\b(19|20)\d{2}[-/.]?\d{2}[-/.]?\d{2}\b|\b\d{1,2}[-/.]\d{1,2}[-/.](19|20)?\d{2}\b")
-
-
+_PERSON_NAME = re.compile(r"[^\s^=]*\^[^\s=]*")  # DICOM PN syntax: Family^Given^Middle
+_LONG_NUMBER = re.compile(r"\d{6,}")  # record, accession and phone numbers; no technical value needs six digits
 
 
 def deidentified_sidecar(layout: SeriesLayout, volume: Volume, date_shift_days: int | None = None) -> dict[str, Any]:
@@ -67,10 +88,8 @@ def deidentified_sidecar(layout: SeriesLayout, volume: Volume, date_shift_days: 
         "series_uid_pseudonym": pseudonym_uid(layout.series.uid),
     }
     forbidden = _identifier_strings(ds)
-    for key, keyword in _TEXT_FIELDS.items():
-        sidecar[key] = clean_text(_as_text(ds.get(keyword, "")), forbidden)
-    for key, keyword in _TECH_FIELDS.items():
-        sidecar[key] = _as_text(ds.get(keyword, ""))
+    for key, (keyword, policy) in SIDECAR_STRINGS.items():
+        sidecar[key] = clean_value(_as_text(ds.get(keyword, "")), policy, forbidden)
     sidecar["kvp"] = _number(ds.get("KVP"))
     if layout.missing:
         sidecar["missing_slices"] = layout.missing
@@ -91,11 +110,29 @@ def pseudonym_uid(uid: str) -> str:
     return "2.25." + str(int(hashlib.sha256(uid.encode()).hexdigest()[:32], 16))
 
 
-def clean_text(text: str, forbidden: Sequence[str]) -> str:
-    """Blank out identifiers and date-like strings in a free-text field (best effort, PS3.15 Clean Descriptors)."""
+def clean_value(text: str, policy: str, forbidden: Sequence[str]) -> str:
+    """One sidecar string under its policy ("code" or "text", see the module docstring)."""
+    if policy not in ("code", "text"):
+        raise ValueError(f"unknown de-identification policy {policy!r}")
+    if policy == "code" and all(_CODE.fullmatch(part) for part in text.split("\\")):
+        return clean_identifiers(text, forbidden)
+    return clean_text(text, forbidden)
+
+
+def clean_identifiers(text: str, forbidden: Sequence[str]) -> str:
+    """Blank out every identifier value found in the header, longest first, ignoring case."""
     for value in sorted(forbidden, key=len, reverse=True):
         text = re.sub(re.escape(value), "[removed]", text, flags=re.IGNORECASE)
-    return _DATE_LIKE.sub("[date]", text).strip()
+    return text
+
+
+def clean_text(text: str, forbidden: Sequence[str]) -> str:
+    """Blank out identifiers, person names (A^B), dates and long numbers in a free-text field (PS3.15 Clean
+    Descriptors, best effort: a name typed in free text that appears nowhere else in the header can survive)."""
+    text = clean_identifiers(text, forbidden)
+    text = _PERSON_NAME.sub(lambda m: "[removed]" if m.group(0).strip("^") else m.group(0), text)
+    text = _DATE_LIKE.sub("[date]", text)
+    return _LONG_NUMBER.sub("[number]", text).strip()
 
 
 def _identifier_strings(ds: Dataset) -> list[str]:

@@ -1,5 +1,8 @@
 """DICOM ingestion: find series in a folder tree, validate their geometry, load them as HU volumes, export NIfTI.
 
+Files are found by medpipe.io.dicom_scan under one strict reader policy: a damaged DICOM file is an error naming
+it, never skipped as "not an image" and never a volume a slice short.
+
 Slices are ordered by their position along the slice normal (ImageOrientationPatient row x column cosines, dotted
 with ImagePositionPatient), never by InstanceNumber, and must lie on one evenly spaced line: NIfTI has one affine per
 volume, so a gap or an uneven step would silently misplace every slice after it.
@@ -17,24 +20,19 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from medpipe.errors import MedpipeError
+from medpipe.io.dicom_scan import Series, SliceFile, find_series
 
 log = logging.getLogger(__name__)
 
 ON_GAP = ("error", "warn")
-# values longer than this stay on disk until needed, so scanning a tree reads headers only
-_DEFER_BYTES = 4096
-_PIXEL_DATA = 0x7FE00010
 # positions closer than this along the normal are the same slice (IPP is usually written to 0.01 mm or better)
 _SAME_POSITION_MM = 0.01
 # a slice may sit this fraction of the slice step off the regular grid before the spacing counts as uneven
 _GRID_TOLERANCE = 0.05
 _ORIENTATION_TOLERANCE = 1e-3
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
 
 
 @dataclass
@@ -59,46 +57,6 @@ class Volume:
 
 
 @dataclass
-class SliceFile:
-    """One single-frame DICOM image: its path and header (pixel data stay on disk until loaded)."""
-
-    path: Path
-    ds: Dataset
-    problem: str | None = None  # why its pixels cannot be used (truncated, no pixel data), found while scanning
-
-
-@dataclass
-class Series:
-    """Image files sharing one SeriesInstanceUID, in the order found (not yet sorted or checked)."""
-
-    uid: str
-    files: list[SliceFile]
-
-    @property
-    def folder(self) -> Path:
-        """The folder of the first file, to name the series in messages."""
-        return self.files[0].path.parent
-
-
-@dataclass
-class Skipped:
-    """A file or series left out, and why."""
-
-    path: str
-    reason: str
-
-
-@dataclass
-class Scan:
-    """What `find_series` found under a folder."""
-
-    series: list[Series]
-    skipped: list[Skipped]  # not DICOM, or DICOM that is not a 3-D image slice: fine to leave out
-    unreadable: list[Skipped]  # DICOM files that are broken: an error unless the caller skips invalid input
-    n_files: int = 0
-
-
-@dataclass
 class SeriesLayout:
     """A validated series: slices sorted along the normal and the voxel-to-RAS affine."""
 
@@ -115,78 +73,11 @@ class SeriesLayout:
         return next(s for s in self.slices if s is not None).ds
 
 
-def find_series(root: str | Path) -> Scan:
-    """Group every DICOM image file under `root` by SeriesInstanceUID; list what was left out and why."""
-    root = Path(root)
-    if not root.is_dir():
-        raise MedpipeError(f"{root}: not a directory; pass the folder that holds the DICOM files")
-    paths = sorted(p for p in root.rglob("*") if p.is_file())
-    by_uid: dict[str, list[SliceFile]] = {}
-    skipped: list[Skipped] = []
-    unreadable: list[Skipped] = []
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
-        except InvalidDicomError:
-            log.warning("skipping %s: not a DICOM file", path)
-            skipped.append(Skipped(str(path), "not a DICOM file"))
-            continue
-        except Exception as exc:  # pydicom raises many types on broken files; all mean "cannot read this one"
-            unreadable.append(Skipped(str(path), f"unreadable DICOM ({type(exc).__name__}: {exc})"))
-            continue
-        reason = _not_a_slice(ds)
-        if reason:
-            log.info("skipping %s: %s", path, reason)
-            skipped.append(Skipped(str(path), reason))
-            continue
-        uid = str(ds.get("SeriesInstanceUID", "")) or f"(no SeriesInstanceUID: {path.parent})"
-        by_uid.setdefault(uid, []).append(SliceFile(path, ds, _pixel_problem(path, ds)))
-    series = [Series(uid, files) for uid, files in by_uid.items()]
-    return Scan(series, skipped, unreadable, len(paths))
-
-
-def _sop_class(ds: Dataset) -> Any:
-    return ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
-
-
-def _is_image(ds: Dataset) -> bool:
-    """Image objects (CT/MR/... Image Storage) carry Rows; SR, RT plans, DICOMDIR and the like do not."""
-    return "Rows" in ds or "PixelData" in ds or "Image Storage" in getattr(_sop_class(ds), "name", "")
-
-
-def _not_a_slice(ds: Dataset) -> str | None:
-    """Why this DICOM file is not a slice of a 3-D volume, or None if it may be one."""
-    if not _is_image(ds):
-        sop = _sop_class(ds)
-        return f"not an image ({getattr(sop, 'name', sop) or 'no SOP class'})"
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        return "multi-frame image: ingest reads single-frame series only"
-    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
-        return "image without ImagePositionPatient/ImageOrientationPatient (not part of a 3-D volume)"
-    return None
-
-
-def _pixel_problem(path: Path, ds: Dataset) -> str | None:
-    """A truncated or missing PixelData element, found from the header alone."""
-    if _PIXEL_DATA not in ds:
-        return "DICOM image without pixel data (truncated or stripped file)"
-    raw = ds.get_item(_PIXEL_DATA)
-    length, offset = getattr(raw, "length", None), getattr(raw, "value_tell", None)
-    if length is not None and offset is not None and length != 0xFFFFFFFF:
-        size = path.stat().st_size
-        if offset + length > size:
-            return f"truncated file: pixel data needs {length} bytes, only {size - offset} present"
-    return None
-
-
 def check_series(series: Series, on_gap: str = "error") -> SeriesLayout:
     """Sort and validate one series; raise MedpipeError naming the series or file when it cannot be one volume."""
     _check_on_gap(on_gap)
     name = f"series {series.uid} in {series.folder}"
     files = series.files
-    for f in files:
-        if f.problem:
-            raise MedpipeError(f"{f.path}: {f.problem} ({name}); re-export the series or remove the file")
     _check_same(files, name, "Modality", lambda ds: str(ds.get("Modality", "")))
     _check_same(files, name, "Rows x Columns", lambda ds: (int(ds.Rows), int(ds.Columns)))
     _check_orientation(files, name)
@@ -374,9 +265,10 @@ def load_series(source: str | Path | Series | SeriesLayout, on_gap: str = "error
 def _only_series(folder: Path) -> Series:
     """The single image series under `folder`; anything else is an error naming what was found."""
     scan = find_series(folder)
-    if scan.unreadable:
-        bad = scan.unreadable[0]
-        raise MedpipeError(f"{bad.path}: {bad.reason}; remove or re-export it")
+    if scan.damaged:
+        bad = scan.damaged[0]
+        more = f" (and {len(scan.damaged) - 1} more damaged file(s))" if len(scan.damaged) > 1 else ""
+        raise MedpipeError(f"{bad.path}: {bad.reason}{more}; re-export the series or remove the file")
     if len(scan.series) != 1:
         found = "no DICOM image series" if not scan.series else f"{len(scan.series)} series"
         raise MedpipeError(f"{folder}: {found} found (need exactly one); use `medpipe ingest` for a folder tree")
@@ -417,14 +309,21 @@ def _decode_hu(sl: SliceFile) -> tuple[np.ndarray, bool]:
         return _decode_with_itk(sl), True
     except Exception as exc:
         raise MedpipeError(f"{sl.path}: cannot read pixel data ({type(exc).__name__}: {exc})") from exc
-    slope = float(sl.ds.get("RescaleSlope", 1) or 1)
-    intercept = float(sl.ds.get("RescaleIntercept", 0) or 0)
+    slope = _number_or(sl.ds.get("RescaleSlope"), 1.0)
+    if slope == 0:
+        raise MedpipeError(f"{sl.path}: RescaleSlope 0 would map every pixel to one value; fix the header")
+    intercept = _number_or(sl.ds.get("RescaleIntercept"), 0.0)
     values = raw.astype(np.float32)
     if slope != 1:
         values *= slope
     if intercept:
         values += intercept
     return values, bool(slope.is_integer() and intercept.is_integer())
+
+
+def _number_or(value: Any, default: float) -> float:
+    """A numeric header value, `default` when absent or empty (an empty type-2 value means "not given")."""
+    return default if value is None or value == "" else float(value)
 
 
 def _decode_with_itk(sl: SliceFile) -> np.ndarray:

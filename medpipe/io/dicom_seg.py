@@ -1,4 +1,11 @@
-"""DICOM-SEG output for volumetric CT segmentations (highdicom), referencing the source series."""
+"""DICOM-SEG output for volumetric CT segmentations (highdicom), referencing the source series.
+
+Derived objects copy the patient and study modules from their source. De-identified research series often lack
+type-2 attributes (PatientName, PatientID, StudyID, AccessionNumber, ReferringPhysicianName, StudyDate/Time …);
+the standard lets a type-2 attribute be present with an empty value, so the SEG gets empty values — no invented
+identities. The identifiers a SEG must point at (type 1: Study/Series/SOP Instance UIDs, Frame of Reference UID)
+cannot be filled that way: without them the SEG could not be tied to its images, so `seg_blocker` names what is
+missing and the caller decides (volumetric inference then skips the SEG and says so in its report)."""
 
 from __future__ import annotations
 
@@ -7,21 +14,27 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from nibabel.orientations import axcodes2ornt
+from pydicom.uid import UID
 
 from medpipe.errors import MedpipeError
 from medpipe.files import atomic_write
 from medpipe.io.dicom import Volume
 
-# (window level, window width) in HU
-WINDOWS: dict[str, tuple[float, float]] = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0)}
-# axis codes of the display grid: array axes (x, y, z) point to patient Left, Posterior, Superior
-_DISPLAY = axcodes2ornt(("L", "P", "S"))
-
-
-# ----------------------------------------------------------------------------------------------------------- loading
-
-
+# type-2 attributes of the Patient and General Study modules that highdicom copies from the source image
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+# type-1 identifiers a SEG references: per slice (SOP instance) and per series
+_TYPE1_PER_SLICE = ("SOPInstanceUID",)
+_TYPE1_PER_SERIES = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
 
 
 def write_dicom_seg(
@@ -43,6 +56,9 @@ def write_dicom_seg(
     from pydicom.sr.codedict import codes
 
     frames, sources = _seg_frames(np.asarray(mask), volume)
+    blocker = seg_blocker(sources)
+    if blocker:
+        raise MedpipeError(f"write_dicom_seg: {blocker}")
     numbers = sorted(int(k) for k in labels)
     unknown = sorted(set(np.unique(frames).tolist()) - {0, *numbers})
     if unknown:
@@ -79,6 +95,7 @@ def write_dicom_seg(
         software_versions=_version(),
         device_serial_number="none",
         series_description=series_description,
+        omit_empty_frames=False,  # one frame per slice and segment: viewers and tests can count on the layout
     )
     return atomic_write(Path(path), lambda tmp: seg.save_as(tmp))
 
@@ -94,7 +111,43 @@ def _seg_frames(mask: np.ndarray, volume: Volume) -> tuple[np.ndarray, list[pydi
     frames = mask.astype(np.uint8).transpose(2, 1, 0)  # (i=col, j=row, k) → (k, row, col), the source frame layout
     keep = [k for k, f in enumerate(volume.source_files) if f is not None]
     sources = [pydicom.dcmread(volume.source_files[k], stop_before_pixels=True) for k in keep]
+    for ds in sources:
+        fill_type2(ds)
     return np.ascontiguousarray(frames[keep]), sources
+
+
+def volume_seg_blocker(volume: Volume) -> str | None:
+    """Why no DICOM-SEG can be written for this DICOM-loaded volume (see `seg_blocker`), or None."""
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in volume.source_files if f is not None]
+    return seg_blocker(sources) if sources else "the volume has no source DICOM files"
+
+
+def fill_type2(ds: pydicom.Dataset) -> list[str]:
+    """Add the absent type-2 patient/study attributes with empty values (in memory); return the keywords added."""
+    added = [keyword for keyword in TYPE2_COPIED if keyword not in ds]
+    for keyword in added:
+        setattr(ds, keyword, "")
+    return added
+
+
+def seg_blocker(sources: list[pydicom.Dataset]) -> str | None:
+    """Why a DICOM-SEG cannot reference these source headers (missing or malformed type-1 UIDs), or None."""
+    problems = []
+    for keyword in _TYPE1_PER_SERIES + _TYPE1_PER_SLICE:
+        scope = sources if keyword in _TYPE1_PER_SLICE else sources[:1]
+        bad = [str(ds.get(keyword, "") or "") for ds in scope if not UID(str(ds.get(keyword, "") or "")).is_valid]
+        if bad:
+            what = f"'{bad[0]}' is not a valid UID" if bad[0] else "is empty"
+            problems.append(f"{keyword} {what}" + (f" in {len(bad)} of {len(scope)} files" if len(scope) > 1 else ""))
+    if problems:
+        return (
+            f"the source series' type-1 identifiers are unusable ({'; '.join(problems)}), so a DICOM-SEG could not "
+            "reference its images; the NIfTI masks hold the result"
+        )
+    uids = [str(ds.SOPInstanceUID) for ds in sources]
+    if len(set(uids)) < len(uids):
+        return "the source slices share SOPInstanceUIDs, so a DICOM-SEG could not tell its frames' images apart"
+    return None
 
 
 def _version() -> str:

@@ -1,11 +1,16 @@
 """Read any 2-D medical image (JPEG/PNG/BMP/TIFF, 2-D DICOM, 2-D NIfTI) as one grey float image in [0, 1].
 
 Every bundle loads pictures through here, so training, evaluation and inference see identical intensities:
-colour and alpha are dropped, 16-bit PNG and DICOM are windowed (DICOM VOI LUT when present) and then min-max
-scaled, which is also what 8-bit images get."""
+colour and alpha are dropped, 16-bit PNG and DICOM are windowed (DICOM: modality LUT / rescale, then the VOI LUT
+when present) and then min-max scaled, which is also what 8-bit images get.
+
+Degenerate inputs: an image under 2 pixels along a side, or a DICOM RescaleSlope of 0 (every pixel would map to one
+value), is refused — no value computed from it would mean anything; a constant image (blank, e.g. an empty export)
+is loaded as zeros with a warning naming the file. Images over PIL's decompression-bomb limit are refused."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -19,8 +24,9 @@ PICTURE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 NIFTI_SUFFIXES = {".nii", ".nii.gz"}
 IMAGE_SUFFIXES = PICTURE_SUFFIXES | DICOM_SUFFIXES | NIFTI_SUFFIXES
+MIN_SIDE = 2  # pixels; a 1-pixel-wide "image" holds no picture
 
-
+log = logging.getLogger(__name__)
 
 
 def image_suffix(path: str | Path) -> str:
@@ -35,10 +41,14 @@ def is_image_file(path: str | Path) -> bool:
 
 def _min_max(array: np.ndarray, path: str | Path) -> np.ndarray:
     array = array.astype(np.float32)
+    if min(array.shape) < MIN_SIDE:
+        size = "x".join(str(n) for n in array.shape)
+        raise MedpipeError(f"image '{path}' is {size} pixels: too small to be a picture; remove it from the data")
     if not np.isfinite(array).all():
         raise MedpipeError(f"image '{path}' holds NaN or infinite values")
     low, high = float(array.min()), float(array.max())
     if high <= low:  # a blank image carries no information but is not an error
+        log.warning("image %s is constant (every pixel %g): it carries no information and scores as blank", path, low)
         return np.zeros_like(array)
     return (array - low) / (high - low)
 
@@ -47,20 +57,25 @@ def _read_picture(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # PIL refuses sizes over Image.MAX_IMAGE_PIXELS (decompression bombs)
             img.load()  # forces a full decode so truncated files fail here, not mid-training
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 return np.asarray(img, dtype=np.float32)
             if img.mode not in ("L", "RGB"):
                 img = img.convert("RGB")  # palette, RGBA, LA, CMYK: flatten to RGB first, dropping alpha
             return np.asarray(img.convert("L"), dtype=np.float32)
+    except Image.DecompressionBombError as exc:  # its message gives the pixel count and the limit
+        raise MedpipeError(
+            f"image '{path}' is too large to decode safely ({exc}); a medical picture this size is corrupt or "
+            "hostile — downsample it or check its source"
+        ) from exc
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise MedpipeError(f"cannot read image '{path}': {exc}") from exc
 
 
 def _read_dicom(path: Path) -> np.ndarray:
     import pydicom
-    from pydicom.pixels import apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(path)
@@ -75,6 +90,9 @@ def _read_dicom(path: Path) -> np.ndarray:
         pixels = pixels[..., :3].mean(axis=-1)
     if pixels.ndim != 2:
         raise MedpipeError(f"DICOM '{path}' is not 2-D (shape {pixels.shape}); ingest volumes with `medpipe ingest`")
+    if "RescaleSlope" in ds and ds.RescaleSlope is not None and float(ds.RescaleSlope) == 0:
+        raise MedpipeError(f"DICOM '{path}' has RescaleSlope 0: every pixel would map to one value; fix the header")
+    pixels = apply_modality_lut(pixels, ds)  # stored values -> HU or OD: the units the VOI window is given in
     pixels = apply_voi_lut(pixels, ds) if "WindowCenter" in ds or "VOILUTSequence" in ds else pixels
     pixels = pixels.astype(np.float32)
     if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":  # bright = low attenuation: invert to MONOCHROME2

@@ -1,5 +1,10 @@
 """`ingest`: every valid DICOM series under a folder to one NIfTI volume + one de-identified JSON sidecar,
-with a summary of what was written and what was skipped and why."""
+with a summary of what was written and what was skipped and why.
+
+All or nothing: the files are written into a staging folder inside OUT_DIR and moved into place, the summary last,
+only when every series was written; a failure midway (a full disk, a read-only folder, an unexpected error) removes
+what this run had written and leaves OUT_DIR as it was. Invalid series are an error before anything is written,
+or, with `skip_invalid`, left out and listed in the summary."""
 
 from __future__ import annotations
 
@@ -14,14 +19,14 @@ import nibabel as nib
 import numpy as np
 
 from medpipe.errors import MedpipeError
-from medpipe.files import atomic_write
+from medpipe.files import atomic_write, staged_outputs
 from medpipe.io.deid import _number, deidentified_sidecar
-from medpipe.io.dicom import SeriesLayout, Skipped, _check_on_gap, check_series, find_series, load_series
+from medpipe.io.dicom import SeriesLayout, _check_on_gap, check_series, load_series
+from medpipe.io.dicom_scan import Skipped, find_series
 
 log = logging.getLogger(__name__)
-
-
-
+SUMMARY = "ingest_summary.json"
+_MAX_SHIFT_DAYS = 36_525  # a century: larger shifts overflow dates and hide nothing more
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
@@ -55,18 +60,30 @@ def ingest(
 ) -> dict[str, Any]:
     """Write one NIfTI + de-identified sidecar per valid series under `dicom_dir`; return the summary.
 
-    Invalid series (and unreadable DICOM files) raise MedpipeError before anything is written, unless
-    `skip_invalid`, which leaves them out and lists them in the summary.
+    Invalid series and damaged DICOM files raise MedpipeError before anything is written, unless `skip_invalid`,
+    which leaves them out and lists them in the summary; a series that a damaged file may belong to is left out
+    whole, never written a slice short. Files that are not DICOM are ignored and counted.
     """
     _check_on_gap(on_gap)
+    shift = date_shift(date_shift_days)
     root, out = Path(dicom_dir), Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MedpipeError(f"output folder '{out}' is a file, not a folder; pass a folder path")
     scan = find_series(root)
     if scan.n_files == 0:
         raise MedpipeError(f"{root}: empty folder, no DICOM files to ingest")
     layouts: list[SeriesLayout] = []
     # (summary entry, one-line message naming the file or series)
-    problems = [(u, f"{u.path}: {u.reason}; remove or re-export it") for u in scan.unreadable]
+    problems = [(d, f"{d.path}: {d.reason}; re-export the series or remove the file") for d in scan.damaged]
     for series in scan.series:
+        damaged = scan.damaged_in(series)
+        if damaged:
+            reason = (
+                f"series in {series.folder} left out whole: {len(damaged)} damaged file(s) may belong to it "
+                f"(first {damaged[0].path}); without them the volume could be short of slices"
+            )
+            problems.append((Skipped(str(series.folder), reason), reason))
+            continue
         try:
             layouts.append(check_series(series, on_gap))
         except MedpipeError as exc:
@@ -78,24 +95,45 @@ def ingest(
         example = f" (e.g. {scan.skipped[0].path}: {scan.skipped[0].reason})" if scan.skipped else ""
         raise MedpipeError(f"{root}: no valid DICOM image series among {scan.n_files} file(s){example}")
 
-    out.mkdir(parents=True, exist_ok=True)
     ingested = []
-    for layout in layouts:
-        try:
-            ingested.append(_export(layout, out, date_shift_days))
-        except MedpipeError as exc:
-            if not skip_invalid:
-                raise
-            problems.append((Skipped(str(layout.series.folder), str(exc)), str(exc)))
-    summary = {
-        "dicom_dir": str(root),
-        "out_dir": str(out),
-        "on_gap": on_gap,
-        "ingested": ingested,
-        "skipped": [vars(s) for s in scan.skipped + [p for p, _ in problems]],
-    }
-    _write_json(summary, out / "ingest_summary.json")
+    with staged_outputs(out, "the ingested series", last=(SUMMARY,)) as staging:
+        for layout in layouts:
+            try:
+                ingested.append(_export(layout, staging, shift))
+            except MedpipeError as exc:
+                if not skip_invalid:
+                    raise MedpipeError(f"{exc}; nothing was written") from exc
+                problems.append((Skipped(str(layout.series.folder), str(exc)), str(exc)))
+        summary = {
+            "dicom_dir": str(root),
+            "out_dir": str(out),
+            "on_gap": on_gap,
+            "counts": scan.counts(),
+            "ingested": ingested,
+            "skipped": [{"path": s.path, "reason": s.reason} for s in scan.skipped + [p for p, _ in problems]],
+        }
+        _write_json(summary, staging / SUMMARY)
     return summary
+
+
+def date_shift(value: Any) -> int | None:
+    """`--date_shift_days` as a whole number of days (fire passes '-10' as an int, '1.5' as a float, 'abc' as a
+    string); None keeps dates out of the sidecars."""
+    if value is None:
+        return None
+    number: Any = value
+    if isinstance(number, str):
+        try:
+            number = float(number.strip())
+        except ValueError:
+            number = None
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
+    if not isinstance(number, int) or isinstance(number, bool):
+        raise MedpipeError(f"--date_shift_days {value!r}: expected a whole number of days, e.g. -30")
+    if abs(number) > _MAX_SHIFT_DAYS:
+        raise MedpipeError(f"--date_shift_days {value!r}: out of range; shift by at most {_MAX_SHIFT_DAYS} days")
+    return number
 
 
 def _export(layout: SeriesLayout, out: Path, date_shift_days: int | None) -> dict[str, Any]:
@@ -129,7 +167,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{item['series_description']!r}"
         )
         lines.extend(f"    warning: {w}" for w in item["warnings"])
-    lines.append(f"skipped {len(summary['skipped'])}:")
+    counts = summary.get("counts", {})
+    lines.append(
+        f"skipped {len(summary['skipped'])}: {counts.get('not_dicom', 0)} not DICOM, {counts.get('not_a_slice', 0)} "
+        f"not a volume slice, {counts.get('damaged', 0)} damaged DICOM file(s)"
+    )
     lines.extend(f"  {s['path']}: {s['reason']}" for s in summary["skipped"])
-    lines.append(f"summary: {Path(summary['out_dir']) / 'ingest_summary.json'}")
+    lines.append(f"summary: {Path(summary['out_dir']) / SUMMARY}")
     return "\n".join(lines)

@@ -24,7 +24,8 @@ class SamePadConv2d(nn.Conv2d):
             size, k, s = x.shape[dim], self.kernel_size[dim], self.stride[dim]
             total = max((-(-size // s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
-        return super().forward(nn.functional.pad(x, pads) if any(pads) else x)
+        # _conv_forward, not super().forward(): torch.jit.script (MONAI's ckpt_export default) compiles only this form
+        return self._conv_forward(nn.functional.pad(x, pads) if any(pads) else x, self.weight, self.bias)
 
 
 def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:

@@ -27,7 +27,7 @@ class PaperCNN(nn.Module):
         init: str = "keras",
     ) -> None:
         super().__init__()
-        self.image_size = image_size
+        self.image_size = int(image_size)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 4), nn.ReLU(inplace=True),
             nn.Conv2d(32, 16, 4), nn.ReLU(inplace=True),
@@ -50,6 +50,9 @@ class PaperCNN(nn.Module):
         self.features.requires_grad_(not freeze_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"PaperCNN expects {self.image_size}x{self.image_size} input, got {tuple(x.shape[-2:])}")
+        # compared side by side (not as a shape tuple) so that torch.jit.script compiles it: MONAI's ckpt_export
+        # scripts `network_def` by default
+        if x.shape[-2] != self.image_size or x.shape[-1] != self.image_size:
+            size = self.image_size
+            raise ValueError(f"PaperCNN expects {size}x{size} input, got {x.shape[-2]}x{x.shape[-1]}")
         return self.classifier(torch.flatten(self.features(x), 1))

@@ -7,19 +7,15 @@ import time
 from typing import Any
 
 from medpipe.errors import MedpipeError
-from medpipe.tracking.mlflow import _client, default_tracking_uri
+from medpipe.tracking.client import default_tracking_uri, mlflow_client
 
 logger = logging.getLogger(__name__)
-
-_checked_uris: set[str] = set()
-
-
 
 
 def runs_table(experiment: str, tracking_uri: str | None = None, max_runs: int = 20) -> list[list[str]]:
     """Rows of field name + one column per run (newest first): name, status, start, duration, params, metrics."""
     uri = tracking_uri or default_tracking_uri()
-    client = _client(uri)
+    client = mlflow_client(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())

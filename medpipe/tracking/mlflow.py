@@ -1,26 +1,25 @@
 """MLflow tracking for bundle jobs: one run per train or evaluate job with its parameters, provenance tags
 (git SHA, bundle version, library versions, data fingerprint), per-epoch metrics, plots, the merged config, the
-checkpoint and a TorchScript export; and `medpipe compare`, the UI's runs table in a terminal.
+checkpoint and a TorchScript export.
 
 Switched on per job with the config key `mlflow` (`--mlflow true`): monai's own `--tracking mlflow` is an argument
 of `monai.bundle run` that patches in MONAI's handler (loss, metrics and config only), so medpipe uses a key of its
 own that behaves the same from `python -m monai.bundle run`, `medpipe run` and `medpipe.bundle.config.run_bundle`.
-The store is `--tracking_uri`, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/runs/mlflow.db`."""
+The store is `--tracking_uri`, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/runs/mlflow.db`.
+
+Runs survive crashes: a job that raises marks its run FAILED (KILLED on Ctrl-C); a training job records its run id
+beside its checkpoints, and `--resume true` reopens that run when it is not FINISHED (a SIGKILLed job's run is left
+RUNNING). A store lost after start-up costs one bounded failing call and a warning; training goes on untracked
+(`medpipe.tracking.client`)."""
 
 from __future__ import annotations
 
 import atexit
-import hashlib
-import inspect
 import json
 import logging
-import os
-import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,149 +27,26 @@ import numpy as np
 
 from medpipe.errors import MedpipeError
 from medpipe.files import sha256_file
+from medpipe.tracking.client import (
+    GuardedClient,
+    default_tracking_uri,
+    get_or_create_experiment,
+    logged_history,
+    mlflow_client,
+    one_line,
+    preflight,
+    resumable_run,
+    write_run_record,
+)
 from medpipe.tracking.plots import plot_confusion_matrix, plot_learning_curves, plot_overlays, plot_roc
+from medpipe.tracking.provenance import bundle_meta, data_fingerprint, git_sha, running_config, versions
+from medpipe.training.checkpoints import TrainingCheckpoint
+
+__all__ = ["PLOTS", "MLflowTracker", "default_tracking_uri", "flatten_metrics", "preflight"]  # configs use these
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STORE = Path("runs") / "mlflow.db"
 PLOTS = ("learning_curves", "roc", "confusion_matrix", "overlays")
-_checked_uris: set[str] = set()
-
-
-
-
-def default_tracking_uri() -> str:
-    """`$MLFLOW_TRACKING_URI`, else a sqlite file under ./runs (MLflow >= 3.13 refuses the plain file store)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path.cwd() / DEFAULT_STORE).resolve()}"
-
-
-def preflight(tracking_uri: str, timeout_s: float = 5.0) -> str:
-    """Fail in one line, before any data is loaded, when the store cannot be used; return the URI.
-
-    Checked: an http(s) server answers `/health` within `timeout_s`; a sqlite file's folder is writable; a bare path
-    or `file:` URI (the file store MLflow refuses) is rejected with the sqlite spelling to use instead.
-    """
-    if tracking_uri in _checked_uris:
-        return tracking_uri
-    if tracking_uri.startswith(("http://", "https://")):
-        url = tracking_uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - a user-chosen server
-                response.read(64)
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise MedpipeError(
-                f"MLflow server {tracking_uri} is unreachable ({reason}); start it (mlflow server --host 127.0.0.1 "
-                "--port 5000) or point MLFLOW_TRACKING_URI / --tracking_uri at a running one"
-            ) from None
-    elif tracking_uri.startswith("sqlite:///"):
-        folder = Path(tracking_uri[len("sqlite:///") :]).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise MedpipeError(f"cannot create the MLflow store folder '{folder}': {exc.strerror}") from None
-        if not os.access(folder, os.W_OK):
-            raise MedpipeError(f"the MLflow store folder '{folder}' is not writable")
-    elif tracking_uri.startswith("file:") or "://" not in tracking_uri:
-        raise MedpipeError(
-            f"tracking_uri '{tracking_uri}' is a file store, which MLflow >= 3.13 refuses; "
-            f"use sqlite:///{Path(tracking_uri.removeprefix('file://')).resolve()}/mlflow.db"
-        )
-    _checked_uris.add(tracking_uri)
-    return tracking_uri
-
-
-def _client(tracking_uri: str):  # noqa: ANN202 - mlflow is imported lazily
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=preflight(tracking_uri))
-
-
-def get_or_create_experiment(client: Any, name: str, tracking_uri: str) -> str:
-    """The experiment's id; a new one on a sqlite store keeps its artifacts beside the database."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # another process created it in between
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
-
-
-def git_sha(path: str | Path) -> str:
-    """HEAD of the checkout holding `path`, with '-dirty' when tracked files changed; 'unknown' outside git."""
-
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    try:
-        sha = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if sha else False
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-
-
-def data_fingerprint(datalists: dict[str, list[dict[str, Any]]], dataset_dir: str | None = None) -> str:
-    """sha256 over the cases a job used: split, keys, values, with files as (path relative to the data set, size).
-
-    Two runs with the same fingerprint saw the same files in the same splits, wherever the data set was mounted.
-    """
-    digest = hashlib.sha256()
-    for split in sorted(datalists):
-        for item in datalists[split]:
-            row = []
-            for key in sorted(item):
-                value = item[key]
-                if isinstance(value, str) and os.path.isfile(value):
-                    rel = os.path.relpath(value, dataset_dir) if dataset_dir else os.path.basename(value)
-                    value = [Path(rel).as_posix(), os.path.getsize(value)]
-                elif not isinstance(value, (str, int, float, bool, type(None))):
-                    continue
-                row.append([key, value])
-            digest.update(json.dumps([split, row], sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-def running_config() -> dict[str, Any] | None:
-    """The merged config (all files + overrides) of the MONAI ConfigParser that is instantiating the caller.
-
-    Found on the call stack: a config component cannot be handed its own parser, and MONAI records the merged
-    config only when its own `--tracking` is used.
-    """
-    from monai.bundle import ConfigParser
-
-    frame = inspect.currentframe()
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, ConfigParser):
-            return owner.get()
-        frame = frame.f_back
-    return None
-
-
-def _versions() -> dict[str, str]:
-    import monai
-    import torch
-
-    import medpipe
-
-    versions = {"medpipe": medpipe.__version__, "monai": monai.__version__, "torch": torch.__version__}
-    return {f"versions.{k}": v for k, v in versions.items()}
-
-
-def _bundle_meta(bundle_root: str) -> tuple[str, str]:
-    """(bundle name, version) from the bundle folder and its metadata.json."""
-    meta_file = Path(bundle_root) / "configs" / "metadata.json"
-    version = json.loads(meta_file.read_text()).get("version", "unknown") if meta_file.is_file() else "unknown"
-    return Path(bundle_root).resolve().name, version
 
 
 def flatten_metrics(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -217,6 +93,16 @@ def _mask(x: Any) -> np.ndarray:
     return np.asarray(a > 0)
 
 
+def _move_last_handler(engine: Any, event: Any, before: Callable[[Any], bool]) -> None:
+    """Move the handler just attached to `event` before the first one whose owner `before` accepts. Ignite runs an
+    event's handlers in attach order and has no public way to reorder them."""
+    handlers = engine._event_handlers[event]
+    owners = [getattr(entry[0], "__self__", None) for entry in handlers[:-1]]
+    index = next((i for i, owner in enumerate(owners) if before(owner)), None)
+    if index is not None:
+        handlers.insert(index, handlers.pop())
+
+
 class MLflowTracker:
     """Record one bundle job as one MLflow run.
 
@@ -247,7 +133,10 @@ class MLflowTracker:
         plots: Sequence[str] = (),
         overlays: int = 4,
         config: dict[str, Any] | None = None,
+        resume: bool | str = False,
     ) -> None:
+        from medpipe.bundle.config import flag
+
         if job not in ("train", "evaluate"):
             raise MedpipeError(f"MLflowTracker job must be 'train' or 'evaluate', got '{job}'")
         unknown = sorted(set(plots) - set(PLOTS))
@@ -261,9 +150,11 @@ class MLflowTracker:
         self.checkpoint, self.output_dir = checkpoint, Path(output_dir) if output_dir else None
         self.artifacts, self.plots, self.n_overlays = list(artifacts), list(plots), overlays
         self.config = config if config is not None else running_config()
-        self.bundle_name, self.bundle_version = _bundle_meta(bundle_root)
+        self.bundle_name, self.bundle_version = bundle_meta(bundle_root)
+        self.resume = flag(resume)
+        self.ckpt_dir = Path(checkpoint).parent if checkpoint and job == "train" else None  # holds the run record
         self.run_name = run_name or f"{job}-{self.params.get('network', 'net')}-fold{self.params.get('fold', '')}"
-        self.client: Any = None
+        self.client: GuardedClient | None = None
         self.run_id: str | None = None
         self.history: list[dict[str, float]] = []
         self._losses: list[float] = []
@@ -279,6 +170,11 @@ class MLflowTracker:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
         engine.add_event_handler(Events.COMPLETED, self.complete)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
+        _move_last_handler(engine, Events.EXCEPTION_RAISED, lambda owner: True)
+        # an epoch is logged before its last.pt is written: a job killed in between resumes from the epoch before
+        # and logs this one again, instead of resuming after an epoch that MLflow never saw
+        _move_last_handler(engine, Events.EPOCH_COMPLETED, lambda owner: isinstance(owner, TrainingCheckpoint))
         if self.job == "train":
             self._trainer = engine
             if self.validator is not None:
@@ -286,20 +182,57 @@ class MLflowTracker:
 
     # -- run lifecycle
     def start(self, engine: Any) -> None:
-        if self.run_id is not None:
+        """Open the run (a new one, or with `resume` the recorded unfinished one) and record its id; a failure
+        here ends the job with one line, since nothing has been trained yet."""
+        if self.client is not None:
             return
-        self.client = _client(self.tracking_uri)
-        experiment_id = get_or_create_experiment(self.client, self.experiment_name, self.tracking_uri)
-        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self._tags())
-        self.run_id = run.info.run_id
-        atexit.register(self._end, "FAILED")  # an exception or exit before `complete` must not leave it RUNNING
-        params = {**self.params, "job": self.job, "max_epochs": engine.state.max_epochs}
-        params |= {f"n_{split}": len(items) for split, items in self.datalists.items()}
-        self._log_params(params)
-        if self.config is not None:
-            self.client.log_dict(self.run_id, self.config, "config/merged_config.json")
+        self.client = mlflow_client(self.tracking_uri)
+        try:
+            experiment_id = get_or_create_experiment(self.client, self.experiment_name, self.tracking_uri)
+            run = resumable_run(self.client, self.ckpt_dir, experiment_id) if self.resume and self.ckpt_dir else None
+            if run is None:
+                self._new_run(experiment_id, engine)
+            else:
+                self._reopen(run, engine)
+        except Exception as exc:
+            if self.run_id is not None:  # created, then a call failed: do not leave it RUNNING
+                self.client.arm(self.run_id)
+                self._end("FAILED")
+            if isinstance(exc, MedpipeError):
+                raise
+            raise MedpipeError(f"MLflow tracking could not start at {self.tracking_uri}: {one_line(exc)}") from exc
+        self.client.arm(self.run_id)
+        atexit.register(self._end, "FAILED")  # an exit before `complete` outside ignite must not leave it RUNNING
+        if self.ckpt_dir is not None:
+            write_run_record(self.ckpt_dir, self.run_id, self.tracking_uri, experiment_id)
         logger.info(f"MLflow run '{self.run_name}' ({self.run_id}) in experiment '{self.experiment_name}' at "
                     f"{self.tracking_uri}")  # fmt: skip
+
+    def _params(self, engine: Any) -> dict[str, str]:
+        params = {**self.params, "job": self.job, "max_epochs": engine.state.max_epochs}
+        params |= {f"n_{split}": len(items) for split, items in self.datalists.items()}
+        return {_mlflow_name(k): str(v)[:6000] for k, v in params.items()}
+
+    def _new_run(self, experiment_id: str, engine: Any) -> None:
+        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self._tags())
+        self.run_id = run.info.run_id
+        self._log_params(self._params(engine))
+        if self.config is not None:
+            self.client.log_dict(self.run_id, self.config, "config/merged_config.json")
+
+    def _reopen(self, run: Any, engine: Any) -> None:
+        """Continue a killed or failed run: RUNNING again, its logged epochs back in the history (metrics.json),
+        params it lacks added; MLflow refuses to change a logged param, so a changed one is only warned about."""
+        self.run_id, epoch = run.info.run_id, engine.state.epoch
+        self.client.update_run(self.run_id, status="RUNNING")
+        self.client.set_tag(self.run_id, "resumed_at_epoch", str(epoch))
+        params, logged = self._params(engine), run.data.params
+        changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
+        if changed:
+            logger.warning(f"--resume: {changed} differ from run {self.run_id}'s; MLflow keeps the first values")
+        self._log_params({k: v for k, v in params.items() if k not in logged})
+        self.history = logged_history(self.client, run, epoch)
+        logger.info(f"--resume: continuing MLflow run {self.run_id} after epoch {epoch}")
 
     def _tags(self) -> dict[str, str]:
         tags = {
@@ -307,7 +240,7 @@ class MLflowTracker:
             "bundle": self.bundle_name,
             "bundle_version": self.bundle_version,
             "job": self.job,
-            **_versions(),
+            **versions(),
         }
         if self.datalists:
             tags["data_fingerprint"] = data_fingerprint(self.datalists, self.dataset_dir)
@@ -316,11 +249,11 @@ class MLflowTracker:
             tags["data_manifest_sha256"] = sha256_file(manifest)
         return tags
 
-    def _log_params(self, params: dict[str, Any]) -> None:
+    def _log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(_mlflow_name(k), str(v)[:6000]) for k, v in params.items()]
-        self.client.log_batch(self.run_id, params=items)
+        if params:
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -339,6 +272,16 @@ class MLflowTracker:
         except Exception as exc:  # at exit the store may be gone: say so, do not mask the real error
             logger.warning(f"could not mark MLflow run {run_id} {status}: {exc}")
         atexit.unregister(self._end)
+
+    def _failed(self, engine: Any, exc: BaseException) -> None:
+        """The job raised: mark the run FAILED (KILLED on Ctrl-C). Ignite stops at the first EXCEPTION_RAISED
+        handler that raises (MONAI's StatsHandler does), so `attach` puts this one first; it lets the exception go
+        on by raising it only when it is the sole handler, as ignite itself would without any."""
+        from ignite.engine import Events
+
+        self._end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if len(engine._event_handlers[Events.EXCEPTION_RAISED]) <= 1:
+            raise exc
 
     # -- per iteration / epoch
     def _iteration(self, engine: Any) -> None:
@@ -393,11 +336,12 @@ class MLflowTracker:
     def complete(self, engine: Any) -> None:
         if self.run_id is None:
             return
-        with tempfile.TemporaryDirectory(prefix="medpipe-mlflow-") as tmp:
-            if self.job == "train":
-                self._complete_train(Path(tmp))
-            else:
-                self._complete_evaluate(Path(tmp))
+        if self.client.lost is None:  # a lost store: skip the exports, the run stays RUNNING for --resume
+            with tempfile.TemporaryDirectory(prefix="medpipe-mlflow-") as tmp:
+                if self.job == "train":
+                    self._complete_train(Path(tmp))
+                else:
+                    self._complete_evaluate(Path(tmp))
         self._end("FINISHED")
 
     def _complete_train(self, tmp: Path) -> None:

@@ -14,8 +14,6 @@ logger = logging.getLogger(__name__)
 _checked_uris: set[str] = set()
 
 
-
-
 def _save(plt: Any, fig: Any, path: Path) -> Path:
     """Lay out, write and close a figure (closing matters: runs log several figures per job)."""
     fig.tight_layout()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +13,6 @@ import torch
 from ignite.engine import Engine, Events
 
 logger = logging.getLogger(__name__)
-
-
 
 
 def _state_dicts(model: torch.nn.Module, state: dict[str, Any], engine: Engine) -> dict[str, Any]:
@@ -31,10 +32,12 @@ class TrainingCheckpoint:
     def __init__(
         self, ckpt_dir: str, model: torch.nn.Module, state: dict[str, Any] | None = None,
         final_filename: str = "model.pt", last_filename: str = "last.pt",
+        trained_on: Sequence[dict[str, Any]] | None = None,
     ) -> None:  # fmt: skip
         self.ckpt_dir = Path(ckpt_dir)
         self.model, self.state = model, dict(state or {})
         self.final_filename, self.last_filename = final_filename, last_filename
+        self.trained_on = [str(Path(it["image"]).resolve()) for it in trained_on or [] if "image" in it]
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save_last)
@@ -49,8 +52,38 @@ class TrainingCheckpoint:
         self._save(_state_dicts(self.model, self.state, engine), self.last_filename)
 
     def save_final(self, engine: Engine) -> None:
+        if self.trained_on:
+            from medpipe.files import atomic_write_text
+
+            atomic_write_text(trained_on_file(self.ckpt_dir / self.final_filename), json.dumps(self.trained_on))
         path = self._save(self.model.state_dict(), self.final_filename)
         logger.info(f"saved the final model (epoch {engine.state.epoch}) to {path}")
+
+
+def trained_on_file(ckpt_path: str | Path) -> Path:
+    """`model.pt` → `model.trained_on.json`: the images a final model was trained on, written beside it."""
+    ckpt_path = Path(ckpt_path)
+    return ckpt_path.with_name(ckpt_path.stem + ".trained_on.json")
+
+
+def warn_if_trained_on(ckpt_path: str | Path, items: Sequence[dict[str, Any]]) -> int:
+    """Say loudly when evaluated images were in the checkpoint's training set: such metrics are not held out.
+
+    Evaluating a folder scores all of it unless `--fold k` is given, so scoring a fold-0 model on its own data set
+    without `--fold 0` would otherwise report training-set metrics as if they were an estimate. Returns the count.
+    """
+    record = trained_on_file(ckpt_path)
+    if not record.is_file():
+        return 0
+    try:
+        trained = set(json.loads(record.read_text()))
+    except (OSError, ValueError):
+        return 0
+    seen = sum(str(Path(it["image"]).resolve()) in trained for it in items if "image" in it)
+    if seen:
+        print(f"medpipe warning: {seen} of {len(items)} evaluated images were in the training set of {ckpt_path}: "
+              "these metrics are not a held-out estimate (score its held-out fold with --fold k)", file=sys.stderr)
+    return seen
 
 
 class ResumeTraining:

@@ -1,0 +1,156 @@
+"""Bundle models as the node runs them: built from the bundle's own configs (network, preprocessing, inferer,
+post-processing), loaded once per route and reused for every series it receives.
+
+CT series go through `covid_ct_seg`'s `infer#segmenter` (medpipe.inference.ct_volume.VolumeSegmenter): masks, the
+DICOM-SEG and report.json. 2-D images (CR/DX chest, MR brain slices) go through the bundle's `validate#preprocessing`
+(LoadGrey2Dd reads DICOM: VOI LUT / window, MONOCHROME1 inverted), its validation inferer and activation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medpipe.errors import MedpipeError
+from medpipe.serve.routing import Route
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the SR says about the model that made a result."""
+
+    name: str
+    version: str
+    network: str
+
+
+def _parser(route: Route, config: str) -> Any:
+    from monai.bundle import ConfigParser
+
+    from medpipe.bundle.config import config_files
+
+    files = config_files(route.bundle, config, route.network)
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser["bundle_root"] = str(route.bundle)
+    parser["ckpt_path"] = str(route.checkpoints[0])
+    for key, value in route.options.items():
+        if key.split("#", 1)[0] not in parser.config:
+            raise MedpipeError(f"routing: route '{route.name}' option '{key}' is not a key of {files}")
+        parser[key] = value
+    return parser
+
+
+def _model_info(route: Route, parser: Any) -> ModelInfo:
+    meta_path = route.bundle / "configs" / "metadata.json"
+    version = json.loads(meta_path.read_text()).get("version", "0") if meta_path.is_file() else "0"
+    network = str(parser.get_parsed_content("network_name")) if "network_name" in parser.config else "network"
+    return ModelInfo(name=route.bundle.name, version=str(version), network=network)
+
+
+def _load_weights(network: torch.nn.Module, path: Path) -> None:
+    """Load a state dict saved from this network (wrapper prefixes such as "module." tolerated); every key must fit."""
+    from medpipe.nets.pretrained import read_state_dict, strip_prefixes
+
+    state = read_state_dict(path, what="checkpoint", hint="set the route's checkpoints to a trained model.pt")
+    own = network.state_dict()
+    by_stripped = {strip_prefixes(k): k for k in own}  # read_state_dict strips the same prefixes from the file
+    missing = sorted(set(by_stripped) - set(state))
+    unexpected = sorted(set(state) - set(by_stripped))
+    misshapen = [k for k in by_stripped if k in state and state[k].shape != own[by_stripped[k]].shape]
+    if missing or unexpected or misshapen:
+        raise MedpipeError(
+            f"checkpoint '{path}' does not fit the bundle's network (missing {missing[:2]}, unexpected "
+            f"{unexpected[:2]}, wrong shape {misshapen[:2]}): was it trained with the route's network?"
+        )
+    network.load_state_dict({by_stripped[k]: v for k, v in state.items()}, strict=True)
+
+
+class CTSegmentationModel:
+    """covid_ct_seg's volumetric inference on one received CT series folder."""
+
+    def __init__(self, route: Route) -> None:
+        if len(route.checkpoints) != 1:
+            raise MedpipeError(f"routing: route '{route.name}' (CT segmentation) takes exactly one checkpoint")
+        parser = _parser(route, "inference")
+        self.segmenter = parser.get_parsed_content("infer#segmenter")
+        _load_weights(self.segmenter.network, route.checkpoints[0])
+        self.segmenter.network.eval()
+        self.info = _model_info(route, parser)
+
+    def run(self, series_dir: Path, out_dir: Path) -> dict[str, Any]:
+        """Segment the series; returns the VolumeSegmenter report (also written as out_dir/report.json)."""
+        return self.segmenter(series_dir, out_dir)
+
+
+class ImageClassificationModel:
+    """A 2-D classification bundle (covid_cxr_cls, brain_tumor_cls) on single DICOM images."""
+
+    def __init__(self, route: Route) -> None:
+        parser = _parser(route, "train")
+        if len(route.checkpoints) > 1:
+            if "ensemble_ckpts" not in parser.config:
+                raise MedpipeError(f"routing: bundle {route.bundle.name} has no ensemble_ckpts: give one checkpoint")
+            parser["ensemble_ckpts"] = [str(p) for p in route.checkpoints[1:]]
+        self.network = parser.get_parsed_content("network")
+        _load_weights(self.network, route.checkpoints[0])
+        self.network.eval()
+        self.preprocessing = parser.get_parsed_content("validate#preprocessing")
+        inferer_id = "validate#inferer" if "inferer" in parser.config.get("validate", {}) else "inferer"
+        self.inferer = parser.get_parsed_content(inferer_id)
+        self.postprocessing = parser.get_parsed_content("validate#postprocessing")
+        self.class_names = [str(c) for c in parser.get_parsed_content("class_names")]
+        self.device = next(self.network.parameters()).device
+        self.info = _model_info(route, parser)
+        self.gradcam_layer: str | None = None
+        if route.gradcam:
+            if "gradcam_layer" not in parser.config:
+                raise MedpipeError(
+                    f"routing: route '{route.name}' sets gradcam but {route.bundle.name} has no gradcam_layer"
+                )
+            self.gradcam_layer = str(parser.get_parsed_content("gradcam_layer"))
+
+    @torch.no_grad()
+    def run(self, image_path: Path) -> dict[str, float]:
+        """Class probabilities for one image file, keyed by class name."""
+        item = self.preprocessing({"image": str(image_path)})
+        batch = item["image"][None].to(self.device)
+        logits = self.inferer(batch, self.network) if self.inferer is not None else self.network(batch)
+        pred = self.postprocessing({"pred": logits[0]})["pred"]
+        probs = np.asarray(pred.detach().cpu().float().numpy(), dtype=np.float64).reshape(-1)
+        if probs.size == 1 and len(self.class_names) == 2:  # one sigmoid output: P(positive class)
+            probs = np.array([1.0 - probs[0], probs[0]])
+        if probs.size != len(self.class_names):
+            raise MedpipeError(f"{self.info.name}: {probs.size} outputs for {len(self.class_names)} class names")
+        return {name: float(p) for name, p in zip(self.class_names, probs, strict=True)}
+
+    def gradcam_overlay(self, image_path: Path) -> np.ndarray:
+        """(rows, cols, 3) uint8: the image as the model reads it (grey, [0, 1]) at its own size, with the Grad-CAM
+        map of the predicted class resized to it and blended on top (medpipe.inference.gradcam, 'jet')."""
+        import torch.nn.functional as F  # noqa: N812
+        from PIL import Image
+
+        from medpipe.inference.gradcam import grad_cam, overlay_png
+        from medpipe.io.images import load_grey_2d
+
+        assert self.gradcam_layer is not None
+        batch = self.preprocessing({"image": str(image_path)})["image"][None].to(self.device)
+        maps, _ = grad_cam(self.network, batch, self.gradcam_layer)
+        grey = load_grey_2d(image_path)
+        heat = F.interpolate(torch.from_numpy(maps[:1, None]), size=grey.shape, mode="bilinear", align_corners=False)
+        with tempfile.TemporaryDirectory(prefix="medpipe-gradcam-") as tmp:
+            png = overlay_png(grey, heat[0, 0].numpy(), Path(tmp) / "overlay.png")
+            return np.asarray(Image.open(png).convert("RGB"))
+
+
+def load_model(route: Route) -> CTSegmentationModel | ImageClassificationModel:
+    logger.info(f"loading route {route.name}: {route.bundle.name} from {route.checkpoints[0]}")
+    return CTSegmentationModel(route) if route.task == "ct_segmentation" else ImageClassificationModel(route)
