@@ -11,6 +11,11 @@ class MedpipeError(Exception):
     """Bad input or configuration that the user can fix; the message says what and how."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line for a one-line error, or its type when it has none (EOFError)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def find_medpipe_error(exc: BaseException | None) -> MedpipeError | None:
     """Walk the cause/context chain: MONAI and ignite wrap errors raised inside transforms and handlers."""
     seen: set[int] = set()

@@ -21,13 +21,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from medpipe.errors import MedpipeError
-from medpipe.export.exporters import export_torchscript  # noqa: F401  (tracking.mlflow imports it from here)
 from medpipe.files import atomic_write, atomic_write_text, sha256_file
 
 INDEX_FILE = "model_info.json"
@@ -321,13 +321,18 @@ def check_installed_bundle(bundle_dir: Path) -> None:
 
 def install(
     spec: str, index: str, dest: str | None = None, overwrite: bool = False, ignore_versions: bool = False,
-    timeout_s: float = 30.0,
+    timeout_s: float = 30.0, allowed_modules: str | Sequence[str] | None = None,
 ) -> Path:  # fmt: skip
     """medpipe zoo install NAME[==VERSION] --index FOLDER_OR_URL [--dest DIR] [--overwrite]
+    [--allowed_modules medpipe,monai,torch,os]
 
     Download (file or http), verify and unpack a bundle into `<dest>/<name>` (default $MEDPIPE_ZOO_DIR or
-    ~/.cache/medpipe/bundles). Nothing is written there unless every check passes.
+    ~/.cache/medpipe/bundles). Nothing is written there unless every check passes. A bundle's configs are code:
+    with --allowed_modules, configs that import or call anything else are refused (medpipe.bundle.trust).
     """
+    from medpipe.bundle.trust import TRUST_NOTE, check_allowed_modules
+
+    allowed = _names(allowed_modules)
     entries, base = fetch_index(index, timeout_s)
     entry = select_entry(entries, spec)
     name = str(entry["name"])
@@ -349,9 +354,21 @@ def install(
         if not ignore_versions:
             check_versions(meta)
         check_installed_bundle(unpacked)
+        if allowed:
+            check_allowed_modules(unpacked, allowed)
+        else:
+            print(TRUST_NOTE)
         if final.exists():
             old = Path(tmp) / "replaced"
             os.replace(final, old)
         os.replace(unpacked, final)
     print(f"installed {name} {entry['version']} to {final}")
     return final
+
+
+def _names(value: str | Sequence[str] | None) -> list[str]:
+    """`a,b` (fire gives a string or a tuple) → ['a', 'b']."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return [v.strip() for v in items if v.strip()]

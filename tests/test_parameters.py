@@ -110,7 +110,7 @@ def test_class_weighted_loss_false_is_off(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--epochs", "abc"], "--epochs 'abc': expected a whole number"),
-     (["--learning_rate", "-1"], "--learning_rate -1: expected a value >= 1e-09"),
+     (["--learning_rate", "-1"], "--learning_rate -1: expected a value >= 0"),
      (["--precision", "fp64"], "expected one of fp32, bf16, fp16"),
      (["--resume", "perhaps"], "expected true or false"),
      (["--fold", "9"], "--fold 9: expected -1 (train on everything) or 0..4"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -128,6 +129,21 @@ def test_package_serve_install_infer(bundle: Path, tmp_path: Path, zoo_dir: Path
     run_bundle(installed, "inference", output_dir=str(tmp_path / "zoo_out"), **common)
     names = spec["inference_outputs"]
     assert _outputs(tmp_path / "src_out", names) == _outputs(tmp_path / "zoo_out", names)
+
+    # the package is self-contained: what bundles share (links in the checkout) arrived as files, and the installed
+    # bundle runs alone through MONAI's own entry point, from another folder
+    for shared in ("multi_gpu_train.json", "logging.conf", "parameters.json"):
+        assert (installed / "configs" / shared).is_file() and not (installed / "configs" / shared).is_symlink()
+    configs = [str(installed / "configs" / "train.json"), str(installed / "configs" / "inference.json")]
+    args = [a for k, v in common.items() for a in (f"--{k}", json.dumps(v) if isinstance(v, bool) else str(v))]
+    alone = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs),
+         "--output_dir", str(tmp_path / "alone_out"), *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,  # same threads as this process: same floats
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert _outputs(tmp_path / "src_out", names) == _outputs(tmp_path / "alone_out", names)
 
 
 @pytest.fixture(scope="module")

@@ -80,18 +80,6 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     apply_to_running_config()
 
 
-def flag(value: Any) -> bool:
-    """A boolean config key as given on the command line: fire passes `--resume true` as the string 'true'."""
-    if isinstance(value, (bool, int)):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "1", "on"):
-        return True
-    if text in ("false", "no", "0", "off", "", "none"):
-        return False
-    raise MedpipeError(f"expected true or false, got '{value}'")
-
-
 def require_file(path: str, what: str, hint: str = "") -> str:
     """Fail early, in one line, when an input file such as the checkpoint is missing."""
     if not Path(path).is_file():

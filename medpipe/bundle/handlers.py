@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from medpipe.errors import MedpipeError
 from medpipe.training.checkpoints import ResumeTraining, TrainingCheckpoint
 from medpipe.training.distributed import is_main_rank
 
@@ -42,6 +43,9 @@ def train_job_handlers(
     images the model was trained on. `tracking` holds the MLflowTracker settings the bundle shares between jobs
     (uri, experiment, params, datalists …).
     """
+    if trained_on is not None and not trained_on:
+        raise MedpipeError("nothing to train on: the data set's training part is empty (a folder with only a "
+                           "'testing' list can be evaluated, not trained on)")
     state: dict[str, Any] = {"optimizer": optimizer}
     if lr_scheduler is not None:
         state["lr_scheduler"] = lr_scheduler
@@ -77,7 +81,15 @@ def require_checkpoint(ckpt_path: str) -> str:
 
 
 def checkpoint_loader(ckpt_path: str, network: torch.nn.Module, device: torch.device) -> Any:
-    """MONAI's CheckpointLoader of the bundle's model, for evaluate and inference."""
+    """MONAI's CheckpointLoader of the bundle's model, for evaluate and inference, once the file is known to fit.
+
+    A truncated, empty or pickled file, or the checkpoint of another network, is one line here (weights_only read,
+    every tensor checked) instead of a loader traceback mid-run."""
     from monai.handlers import CheckpointLoader
 
-    return CheckpointLoader(load_path=require_checkpoint(ckpt_path), load_dict={"model": network}, map_location=device)
+    from medpipe.nets.pretrained import fitting_state_dict
+
+    module = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+    hint = "was it trained with this --network (and task / image settings)? pass the matching overlay or --ckpt_path"
+    fitting_state_dict(module, require_checkpoint(ckpt_path), "checkpoint", hint)
+    return CheckpointLoader(load_path=ckpt_path, load_dict={"model": network}, map_location=device)

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from medpipe.errors import MedpipeError
+from medpipe.values import flag
 
 SHARED_FILE = Path(__file__).with_name("configs") / "parameters.json"
 TYPES = ("bool", "int", "float", "str", "path", "dir", "file", "files")
-_TRUE = ("true", "yes", "1", "on")
-_FALSE = ("false", "no", "0", "off")
 _NULL = ("none", "null", "")
 
 
@@ -72,16 +71,12 @@ class Parameter:
 
 
 def _as_bool(p: Parameter, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise p._error(value, "true or false")
+    if isinstance(value, int) and not isinstance(value, bool) and value not in (0, 1):
+        raise p._error(value, "true or false")
+    try:
+        return flag(value)
+    except MedpipeError:
+        raise p._error(value, "true or false") from None
 
 
 def _as_int(p: Parameter, value: Any) -> int:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from medpipe.bundle.config import find_bundle
-from medpipe.errors import MedpipeError
+from medpipe.errors import MedpipeError, first_line
 
 SCHEMA = Path(__file__).parents[1] / "schemas" / "meta_schema.json"
 
@@ -25,7 +25,7 @@ def verify_bundle(bundle: str | Path) -> list[str]:
     try:
         verify_metadata(meta_file=str(meta_file), filepath=str(SCHEMA))
     except ValueError as exc:
-        raise MedpipeError(f"{meta_file}: {str(exc).splitlines()[0]}") from exc
+        raise MedpipeError(f"{meta_file}: {first_line(exc)}") from exc
     passed = [f"metadata {meta_file}"]
     networks = json.loads(meta_file.read_text()).get("medpipe", {}).get("networks", [None])
     for network in networks:

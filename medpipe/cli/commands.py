@@ -28,8 +28,8 @@ def ingest_command(
     --skip_invalid: leave invalid series out (listed in the summary) instead of failing.
     --date_shift_days N: keep the study date shifted by N days in the sidecar (default: dates removed).
     """
-    from medpipe.bundle.config import flag
     from medpipe.io.ingest import format_summary, ingest
+    from medpipe.values import flag
 
     try:
         skip = flag(skip_invalid)  # fire passes `--skip_invalid false` as the string 'false'

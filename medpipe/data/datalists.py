@@ -290,9 +290,11 @@ def seg_datalists(
     """
     fold, num_folds = check_fold(fold, num_folds)
     items = cap_groups(read_seg_datalist(dataset_dir, "training"), max_cases, seed)
+    test = read_seg_datalist(dataset_dir, "testing")
+    if not items and fold == -1 and test and not splits_file:
+        return {"train": [], "val": [], "test": test}  # a folder to evaluate (its testing list), not to train on
     if not items:
         raise MedpipeError(f"'{Path(dataset_dir) / 'datalist.json'}' has an empty 'training' list")
-    test = read_seg_datalist(dataset_dir, "testing")
     if splits_file:
         return {**apply_splits(items, splits_file, fold, num_folds), "test": test}
     if fold == -1:

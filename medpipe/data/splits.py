@@ -17,24 +17,14 @@ import numpy as np
 
 from medpipe.errors import MedpipeError
 from medpipe.files import atomic_write_text
+from medpipe.values import whole_number
 
 SPLIT_MODES = ("group", "random")
 
 
-def _as_int(name: str, value: Any) -> int:
-    """An integer setting as configs and the command line give it ('3' from fire is fine); one line otherwise."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    raise MedpipeError(f"{name} must be an integer, got {value!r}")
-
-
 def check_fold(fold: Any, num_folds: Any) -> tuple[int, int]:
     """(fold, num_folds) as ints; MedpipeError in one line when non-numeric or out of range (fold -1: all data)."""
-    fold, num_folds = _as_int("fold", fold), _as_int("num_folds", num_folds)
+    fold, num_folds = whole_number("fold", fold), whole_number("num_folds", num_folds)
     if fold == -1:
         return fold, num_folds
     if num_folds < 2:

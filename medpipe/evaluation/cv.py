@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from medpipe.bundle.config import config_files, find_bundle, run_bundle
-from medpipe.data.splits import _as_int, read_splits, write_splits
+from medpipe.data.splits import read_splits, write_splits
 from medpipe.errors import MedpipeError, find_medpipe_error
 from medpipe.evaluation.metrics import classification_report
 from medpipe.evaluation.reports import check_report_files
 from medpipe.files import atomic_write_text, writable_dir
+from medpipe.values import whole_number
 
 SUMMARY_METRICS = ("accuracy", "roc_auc", "macro_roc_auc", "sensitivity", "specificity", "f1")
 SPLITS_FILE = "splits.json"  # a run folder's fold partition, written before any fold runs
@@ -326,7 +327,7 @@ def run_cv(
     """Train and evaluate folds 0..K-1, each scored on its own held-out fold, then write cv_summary.json.
 
     `<out>/splits.json` is written first (from `splits` when given) and every fold job reads its lists from it."""
-    parallel, folds = _as_int("--parallel", parallel), _as_int("--folds", folds)
+    parallel, folds = whole_number("--parallel", parallel), whole_number("--folds", folds)
     if parallel < 1:
         raise MedpipeError(f"--parallel must be >= 1, got {parallel}")
     if folds < 2:

@@ -174,16 +174,20 @@ class ClassificationReport(EpochCollector):
     def _extra_cells(self, row: int) -> list[str]:
         return []
 
-    def _write(self, engine: Engine) -> None:
-        files = {"predictions.csv": self._predictions_csv()}
-        if not self.with_labels:
-            write_report_files(self.output_dir, files)
-            logger.info(f"wrote {len(self.records)} predictions to {self.output_dir / 'predictions.csv'}")
-            return
+    def _report(self) -> dict[str, Any]:
+        """The metrics of the collected cases (a subclass may add its own, e.g. per-source figures)."""
         labels = [r[2] for r in self.records]
-        report = classification_report(labels, [r[1] for r in self.records], self.class_names, self.n_boot, self.seed)
-        report = {**self.info, **report}
+        return classification_report(labels, [r[1] for r in self.records], self.class_names, self.n_boot, self.seed)
+
+    def _summary(self, report: dict[str, Any]) -> str:
+        acc, auc = report["metrics"]["accuracy"]["value"], report["metrics"].get("roc_auc", {}).get("value")
+        return f"accuracy {acc}, ROC-AUC {auc} on {report['n']} cases"
+
+    def _write(self, engine: Engine) -> None:
+        """predictions.csv, then (with labels) metrics.json last, stamped with the predictions' hash: a pair."""
+        files = {"predictions.csv": self._predictions_csv()}
+        report = {**self.info, **self._report()} if self.with_labels else None
         write_report_files(self.output_dir, files, report)
         logger.info(f"wrote {len(self.records)} predictions to {self.output_dir / 'predictions.csv'}")
-        acc, auc = report["metrics"]["accuracy"]["value"], report["metrics"].get("roc_auc", {}).get("value")
-        logger.info(f"accuracy {acc}, ROC-AUC {auc} on {report['n']} cases: {self.output_dir / 'metrics.json'}")
+        if report is not None:
+            logger.info(f"{self._summary(report)}: {self.output_dir / 'metrics.json'}")

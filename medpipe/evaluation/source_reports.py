@@ -16,7 +16,7 @@ from ignite.engine import Engine
 
 from medpipe.errors import MedpipeError
 from medpipe.evaluation.metrics import classification_report
-from medpipe.evaluation.reports import ClassificationReport, _as_list, write_report_files
+from medpipe.evaluation.reports import ClassificationReport, _as_list
 
 logger = logging.getLogger(__name__)
 
@@ -116,23 +116,15 @@ class SourceAwareReport(ClassificationReport):
     def _extra_cells(self, row: int) -> list[str]:
         return list(self.meta[row])
 
-    def _write(self, engine: Engine) -> None:
-        files = {"predictions.csv": self._predictions_csv()}
-        if not self.with_labels:
-            write_report_files(self.output_dir, files)
-            logger.info(f"wrote {len(self.records)} predictions to {self.output_dir / 'predictions.csv'}")
-            return
-        report = source_aware_report(
+    def _report(self) -> dict[str, Any]:
+        return source_aware_report(
             [r[2] for r in self.records], np.stack([r[1] for r in self.records]), [m[0] for m in self.meta],
             [m[1] for m in self.meta], self.class_names, self.n_boot, self.seed,
-        )
-        # predictions.csv and metrics.json as a pair (metrics last, with the predictions' hash): see reports.py
-        write_report_files(self.output_dir, files, {**self.info, **report})
-        sc = report["source_controlled"]["roc_auc"]
-        logger.info(
-            f"macro/ROC-AUC {report['metrics'].get('macro_roc_auc', report['metrics'].get('roc_auc'))}, "
-            f"source-controlled AUC {sc}: {self.output_dir / 'metrics.json'}"
-        )
+        )  # fmt: skip
+
+    def _summary(self, report: dict[str, Any]) -> str:
+        macro = report["metrics"].get("macro_roc_auc", report["metrics"].get("roc_auc"))
+        return f"macro/ROC-AUC {macro}, source-controlled AUC {report['source_controlled']['roc_auc']}"
 
 
 def pooled_source_report(prediction_files: Iterable[str | Path], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medpipe.errors import MedpipeError
+from medpipe.errors import MedpipeError, first_line
 from medpipe.export.sidecar import export_path, write_sidecar
 from medpipe.files import atomic_write
 
@@ -74,7 +74,7 @@ def load_weights(net: torch.nn.Module, ckpt: Path) -> None:
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise MedpipeError(
             f"'{ckpt}' does not fit the network (pass the --network and overrides it was trained with): {first}"
         ) from None
@@ -107,7 +107,7 @@ def to_torchscript(net: torch.nn.Module, example: torch.Tensor, path: str | Path
         module = convert_to_torchscript(net, verify=True, inputs=[example], device=torch.device("cpu"), rtol=RTOL,
                                         atol=ATOL)  # fmt: skip
     except AssertionError as exc:
-        first = str(exc).splitlines()[0]
+        first = first_line(exc)
         raise MedpipeError(f"the TorchScript export does not reproduce the network: {first}") from None
     except Exception as exc:  # TorchScript cannot compile this Python: tracing records this input's path
         logger.info(f"torch.jit.script failed ({type(exc).__name__}); tracing instead")
@@ -149,7 +149,7 @@ def to_onnx(net: torch.nn.Module, example: torch.Tensor, path: str | Path, segme
                 device=torch.device("cpu"), rtol=RTOL, atol=ATOL, dynamo=False,
             )  # fmt: skip
         except AssertionError as exc:
-            raise MedpipeError(f"the ONNX export does not reproduce the network: {str(exc).splitlines()[0]}") from None
+            raise MedpipeError(f"the ONNX export does not reproduce the network: {first_line(exc)}") from None
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     other = _other_shape(example, segmentation)
     with torch.no_grad():

@@ -106,7 +106,7 @@ def torch_fallback(
     network: nn.Module, runtime: str = "torch", what: str = "Grad-CAM", enabled: Any = True
 ) -> nn.Module:
     """The eager network for a tool that needs gradients, saying once that it does not use `runtime`."""
-    from medpipe.bundle.config import flag
+    from medpipe.values import flag
 
     runtime = check_runtime(runtime)
     if runtime != "torch" and flag(enabled) and (what, runtime) not in _warned:

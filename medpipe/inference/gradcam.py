@@ -13,15 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.utils import ensure_tuple
 from torch import nn
 
-from medpipe.evaluation.reports import _as_list
 from medpipe.files import atomic_write
 from medpipe.io.images import image_suffix
 
 logger = logging.getLogger(__name__)
-
-
 
 
 def overlay_png(image: np.ndarray, heat: np.ndarray, path: str | Path, alpha: float = 0.4) -> Path:
@@ -64,7 +62,7 @@ class GradCamWriter:
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._write)
 
     def _write(self, engine: Engine) -> None:
-        items: list[dict[str, Any]] = _as_list(engine.state.batch)
+        items: list[dict[str, Any]] = list(ensure_tuple(engine.state.batch))
         device = next(self.network.parameters()).device
         images = torch.stack([torch.as_tensor(it[self.image_key]) for it in items]).to(device)
         maps, predicted = grad_cam(self.network, images, self.target_layer)

@@ -18,7 +18,7 @@ from torch import nn
 
 from medpipe.errors import MedpipeError
 from medpipe.inferers.mirror import check_activation, mean_probability_logits
-from medpipe.nets.pretrained import read_state_dict, strip_prefixes
+from medpipe.nets.pretrained import fitting_state_dict
 
 HINT = "set --ensemble_ckpts to model.pt files trained with this network"
 
@@ -37,21 +37,8 @@ def load_member(network: nn.Module, path: str | Path) -> nn.Module:
     """A copy of `network` holding checkpoint `path`'s weights, in eval mode; every tensor must fit."""
     module = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
     member = copy.deepcopy(module)
-    own = member.state_dict()
-    # read_state_dict strips wrapper prefixes ("module.", "net.", …): match our own keys stripped the same way
-    by_stripped = {strip_prefixes(k): k for k in own}
-    state = read_state_dict(path, what="ensemble checkpoint", hint=HINT)
-    missing = [k for k in by_stripped if k not in state]
-    unexpected = [k for k in state if k not in by_stripped]
-    misshapen = [k for k in by_stripped if k in state and state[k].shape != own[by_stripped[k]].shape]
-    if missing or unexpected or misshapen:
-        problems = [f"{name} {keys[:3]}" for name, keys in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)) if keys]  # fmt: skip
-        raise MedpipeError(
-            f"ensemble checkpoint '{path}' does not fit the network ({'; '.join(problems)}); "
-            "every member must be trained with the same --network"
-        )
-    member.load_state_dict({by_stripped[k]: v for k, v in state.items()}, strict=True)
+    hint = f"{HINT}; every member must be trained with the same --network"
+    member.load_state_dict(fitting_state_dict(member, path, "ensemble checkpoint", hint), strict=True)
     return member.eval()
 
 

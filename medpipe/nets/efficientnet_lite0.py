@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medpipe.errors import MedpipeError
+from medpipe.errors import MedpipeError, first_line
 
 
 class SamePadConv2d(nn.Conv2d):
@@ -163,7 +163,7 @@ def load_lite0_imagenet(net: EfficientNetLite0, path: str | None = None) -> dict
     try:
         source = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # missing file, truncated file, or pickled non-tensor objects
-        raise MedpipeError(f"cannot read EfficientNet-Lite0 weights '{path}': {str(exc).splitlines()[0]}") from exc
+        raise MedpipeError(f"cannot read EfficientNet-Lite0 weights '{path}': {first_line(exc)}") from exc
     target = net.state_dict()
     mapped, unexpected = {}, []
     for key, value in source.items():

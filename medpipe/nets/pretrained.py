@@ -18,7 +18,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from medpipe.errors import MedpipeError
+from medpipe.errors import MedpipeError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +43,13 @@ def read_state_dict(
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "unsupported global" not in str(exc).lower():  # not a pickled class: plain garbage, not a checkpoint
-            raise MedpipeError(f"cannot read {what} '{path}': {str(exc).splitlines()[0]}") from exc
+            raise MedpipeError(f"cannot read {what} '{path}': {first_line(exc)}") from exc
         raise MedpipeError(
             f"{what} '{path}' holds objects other than tensors (refused: weights_only=True); "
             "save model.state_dict() instead"
         ) from exc
-    except Exception as exc:  # truncated zip, not a torch file at all, …
-        raise MedpipeError(f"cannot read {what} '{path}': {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # truncated zip, an empty file, not a torch file at all, …
+        raise MedpipeError(f"cannot read {what} '{path}': {first_line(exc)}") from exc
     for _ in range(3):  # unwrap at most a few levels of {"state_dict": {...}}
         if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = next((obj[k] for k in NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
@@ -62,6 +62,24 @@ def read_state_dict(
     if not_tensors:
         raise MedpipeError(f"{what} '{path}' is not a state dict: {not_tensors[:3]} are not tensors")
     return {strip_prefixes(str(k)): v for k, v in obj.items()}
+
+
+def fitting_state_dict(network: torch.nn.Module, path: str | Path, what: str, hint: str) -> dict[str, torch.Tensor]:
+    """Checkpoint `path`'s tensors keyed by `network`'s own names, when every tensor fits; one line otherwise.
+
+    A checkpoint of another network (or another head size), or one missing or adding tensors, is refused before any
+    weight is loaded; wrapper prefixes ("module.", …) are tolerated on either side."""
+    own = network.state_dict()
+    by_stripped = {strip_prefixes(k): k for k in own}  # read_state_dict strips the same prefixes from the file
+    state = read_state_dict(path, what=what, hint=hint)
+    missing = [k for k in by_stripped if k not in state]
+    unexpected = [k for k in state if k not in by_stripped]
+    misshapen = [k for k in by_stripped if k in state and state[k].shape != own[by_stripped[k]].shape]
+    if missing or unexpected or misshapen:
+        problems = [f"{name} {keys[:3]}" for name, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)) if keys]  # fmt: skip
+        raise MedpipeError(f"{what} '{path}' does not fit the network ({'; '.join(problems)}); {hint}")
+    return {by_stripped[k]: v for k, v in state.items()}
 
 
 def strip_prefixes(key: str) -> str:

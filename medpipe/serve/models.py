@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from medpipe.errors import MedpipeError
+from medpipe.export.runtime import runtime_network
 from medpipe.serve.routing import Route
 
 logger = logging.getLogger(__name__)
@@ -58,20 +59,10 @@ def _model_info(route: Route, parser: Any) -> ModelInfo:
 
 def _load_weights(network: torch.nn.Module, path: Path) -> None:
     """Load a state dict saved from this network (wrapper prefixes such as "module." tolerated); every key must fit."""
-    from medpipe.nets.pretrained import read_state_dict, strip_prefixes
+    from medpipe.nets.pretrained import fitting_state_dict
 
-    state = read_state_dict(path, what="checkpoint", hint="set the route's checkpoints to a trained model.pt")
-    own = network.state_dict()
-    by_stripped = {strip_prefixes(k): k for k in own}  # read_state_dict strips the same prefixes from the file
-    missing = sorted(set(by_stripped) - set(state))
-    unexpected = sorted(set(state) - set(by_stripped))
-    misshapen = [k for k in by_stripped if k in state and state[k].shape != own[by_stripped[k]].shape]
-    if missing or unexpected or misshapen:
-        raise MedpipeError(
-            f"checkpoint '{path}' does not fit the bundle's network (missing {missing[:2]}, unexpected "
-            f"{unexpected[:2]}, wrong shape {misshapen[:2]}): was it trained with the route's network?"
-        )
-    network.load_state_dict({by_stripped[k]: v for k, v in state.items()}, strict=True)
+    hint = "set the route's checkpoints to a model.pt trained with the route's network"
+    network.load_state_dict(fitting_state_dict(network, path, "checkpoint", hint), strict=True)
 
 
 class CTSegmentationModel:
@@ -81,9 +72,11 @@ class CTSegmentationModel:
         if len(route.checkpoints) != 1:
             raise MedpipeError(f"routing: route '{route.name}' (CT segmentation) takes exactly one checkpoint")
         parser = _parser(route, "inference")
+        network = parser.get_parsed_content("network")  # the eager network, which the segmenter (or its runtime) runs
+        _load_weights(network, route.checkpoints[0])
+        network.eval()
+        # built after the weights are in: with a route option `runtime: onnxruntime` the export is checked against them
         self.segmenter = parser.get_parsed_content("infer#segmenter")
-        _load_weights(self.segmenter.network, route.checkpoints[0])
-        self.segmenter.network.eval()
         self.info = _model_info(route, parser)
 
     def run(self, series_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -100,15 +93,18 @@ class ImageClassificationModel:
             if "ensemble_ckpts" not in parser.config:
                 raise MedpipeError(f"routing: bundle {route.bundle.name} has no ensemble_ckpts: give one checkpoint")
             parser["ensemble_ckpts"] = [str(p) for p in route.checkpoints[1:]]
-        self.network = parser.get_parsed_content("network")
-        _load_weights(self.network, route.checkpoints[0])
-        self.network.eval()
+        self.torch_network = parser.get_parsed_content("network")
+        _load_weights(self.torch_network, route.checkpoints[0])
+        self.torch_network.eval()
+        self.device = next(self.torch_network.parameters()).device
+        # the `runtime` key (torch, onnxruntime, …; a route option) picks what runs the network; Grad-CAM needs torch
+        runtime = parser.get_parsed_content("runtime") if "runtime" in parser.config else "torch"
+        self.network = runtime_network(self.torch_network, runtime, str(route.checkpoints[0]))
         self.preprocessing = parser.get_parsed_content("validate#preprocessing")
         inferer_id = "validate#inferer" if "inferer" in parser.config.get("validate", {}) else "inferer"
         self.inferer = parser.get_parsed_content(inferer_id)
         self.postprocessing = parser.get_parsed_content("validate#postprocessing")
         self.class_names = [str(c) for c in parser.get_parsed_content("class_names")]
-        self.device = next(self.network.parameters()).device
         self.info = _model_info(route, parser)
         self.gradcam_layer: str | None = None
         if route.gradcam:
@@ -143,7 +139,7 @@ class ImageClassificationModel:
 
         assert self.gradcam_layer is not None
         batch = self.preprocessing({"image": str(image_path)})["image"][None].to(self.device)
-        maps, _ = grad_cam(self.network, batch, self.gradcam_layer)
+        maps, _ = grad_cam(self.torch_network, batch, self.gradcam_layer)
         grey = load_grey_2d(image_path)
         heat = F.interpolate(torch.from_numpy(maps[:1, None]), size=grey.shape, mode="bilinear", align_corners=False)
         with tempfile.TemporaryDirectory(prefix="medpipe-gradcam-") as tmp:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medpipe.errors import MedpipeError
+from medpipe.errors import MedpipeError, first_line
 
 TASKS = ("ct_segmentation", "classification")
 
@@ -89,7 +89,8 @@ def _peer(raw: Any, what: str) -> Peer:
 
 
 def _route(raw: dict[str, Any], base: Path, index: int) -> Route:
-    from medpipe.bundle.config import find_bundle, flag
+    from medpipe.bundle.config import find_bundle
+    from medpipe.values import flag
 
     name = str(raw.get("name", f"route{index}"))
     missing = [k for k in ("bundle", "task", "modality", "checkpoints") if k not in raw]
@@ -134,7 +135,7 @@ def load_settings(path: str | Path, **overrides: Any) -> Settings:
         else:
             raw = json.loads(text)
     except Exception as exc:
-        raise MedpipeError(f"cannot parse routing file '{path}': {str(exc).splitlines()[0]}") from exc
+        raise MedpipeError(f"cannot parse routing file '{path}': {first_line(exc)}") from exc
     if not isinstance(raw, dict):
         raise MedpipeError(f"routing file '{path}' must hold a mapping (node, destination, routes)")
     base = path.resolve().parent

@@ -135,7 +135,7 @@ class MLflowTracker:
         config: dict[str, Any] | None = None,
         resume: bool | str = False,
     ) -> None:
-        from medpipe.bundle.config import flag
+        from medpipe.values import flag
 
         if job not in ("train", "evaluate"):
             raise MedpipeError(f"MLflowTracker job must be 'train' or 'evaluate', got '{job}'")
@@ -347,7 +347,7 @@ class MLflowTracker:
     def _complete_train(self, tmp: Path) -> None:
         import torch
 
-        from medpipe.zoo import export_torchscript
+        from medpipe.export.exporters import export_torchscript
 
         final = self.history[-1] if self.history else {}
         summary = {"bundle": self.bundle_name, "final": final, "history": self.history}
