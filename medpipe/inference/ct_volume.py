@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from medpipe.errors import MedpipeError
 from medpipe.files import atomic_write_text, staged_outputs
+from medpipe.inference.input_guard import OK
 from medpipe.io import ct, dicom_seg
 from medpipe.io.dicom import Volume
 from medpipe.transforms.seg import clahe
@@ -144,12 +145,14 @@ class VolumeSegmenter:
         write_dicom_seg: bool = True,
         keep_components: int = 2,
         info: dict[str, Any] | None = None,
+        input_guard: Any = None,
     ) -> None:
         self.network, self.image_size, self.inferer = network, image_size, inferer
         self.window = window if isinstance(window, str) else (float(window[0]), float(window[1]))
         self.slice_size, self.clip_limit, self.batch_size = slice_size, clip_limit, batch_size
         self.label_names = dict(label_names or {1: "lung (not infected)", 2: "COVID-19 infection"})
         self.write_dicom_seg, self.keep_components, self.info = write_dicom_seg, keep_components, info or {}
+        self.input_guard = input_guard  # an InputGuard('ct'): flags volumes that do not look like chest CT
 
     def segment(self, volume: Volume, name: str = "volume") -> np.ndarray:
         """uint8 label mask on the volume's own grid."""
@@ -198,6 +201,11 @@ class VolumeSegmenter:
             target = out_dir / f"{stem}_{key}.nii.gz"
             files[key] = _write(target.name, partial(ct.write_mask_nifti, values, volume.affine, target))
         warnings = []
+        if self.input_guard is not None:  # the middle axial slice in the lung window, as the guard was measured
+            planes = list(ct.iter_slices(ct.window(volume.array, self.window), volume.affine, size=self.slice_size))
+            _, guard = self.input_guard.check_image(planes[len(planes) // 2], str(path))
+            if guard != OK:
+                warnings.append(guard)
         if self.write_dicom_seg and volume.source_files:
             if seg_blocker:
                 warnings.append(f"no DICOM-SEG: {seg_blocker}")

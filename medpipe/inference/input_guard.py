@@ -148,6 +148,16 @@ class InputGuard:
                 log.warning("%s: %s", key, result[1])
         return self.results[key]
 
+    def check_image(self, grey: np.ndarray, name: str) -> tuple[str, str]:
+        """(most likely modality, verdict) of an image already in memory (grey, [0, 1]), e.g. a CT volume's middle
+        slice in the lung window; logged like `check`."""
+        probs = dict(zip(self.model.classes, self.model.probabilities(image_features(grey)[None])[0], strict=True))
+        result = (max(probs, key=probs.__getitem__), verdict(probs, self.expected))
+        self.results[name] = result
+        if result[1] != OK and self.log_flags:
+            log.warning("%s: %s", name, result[1])
+        return result
+
     def cells(self, path: str, probs: Any = None) -> list[str]:
         return list(self.check(path))
 
