@@ -219,3 +219,31 @@ def test_real_folds_are_patient_disjoint_and_cover_every_image() -> None:
         assert not train_groups & {it["group"] for it in split["val"]}
         seen += [it["path"] for it in split["val"]]
     assert len(seen) == len(set(seen)) == 1275
+
+
+def _labels_csv(root: Path, rows: list[tuple[str, str, str]]) -> Path:
+    """A small labels.csv set: (label, source, patient) per row, one 32×32 grey JPEG each."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    lines = ["image,label,patient_id,source"]
+    for i, (label, source, patient) in enumerate(rows):
+        Image.fromarray(np.full((32, 32), 40 * i % 255, dtype=np.uint8)).save(root / "images" / f"{i}.jpg")
+        lines.append(f"images/{i}.jpg,{label},{patient},{source}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_leave_one_source_out_trains_on_the_others_and_refuses_a_missing_class(tmp_path: Path) -> None:
+    rows = [("covid19", "a", "p1"), ("normal", "a", "p2"), ("pneumonia", "b", "p3"), ("covid19", "b", "p4"),
+            ("normal", "c", "p5"), ("pneumonia", "c", "p6")]  # fmt: skip
+    root = _labels_csv(tmp_path / "cxr", rows)
+    names = ["covid19", "pneumonia", "normal"]
+    split = labels_csv_datalists(root, names, None, fold=0, held_out_source="b")
+    assert {it["source"] for it in split["train"]} == {"a", "c"} and {it["source"] for it in split["val"]} == {"b"}
+    assert len(split["train"]) + len(split["val"]) == len(rows)
+    only_a = _labels_csv(tmp_path / "only_a", [("covid19", "a", "p1"), ("normal", "b", "p2"), ("pneumonia", "b", "p3")])
+    with pytest.raises(MedpipeError, match=r"holding out 'a' leaves no training images of class \['covid19'\]"):
+        labels_csv_datalists(only_a, names, None, fold=0, held_out_source="a")
+    with pytest.raises(MedpipeError, match="is not a source of this data set"):
+        labels_csv_datalists(root, names, None, fold=0, held_out_source="nowhere")

@@ -211,13 +211,38 @@ def read_labels_csv(
 def labels_csv_datalists(
     dataset_dir: str | Path, class_names: Sequence[str], label_map: dict[str, str] | None, fold: int,
     num_folds: int = 5, seed: int = 0, split_mode: str = "group", max_cases: int = -1, csv_name: str = "labels.csv",
-    splits_file: str | None = None,
+    splits_file: str | None = None, held_out_source: str | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Read a labels.csv data set and split it by patient, stratified by class: a CSV twin of class_folder_datalists.
 
-    `splits_file`: take fold `fold`'s lists from a splits.json (medpipe.data.splits) instead of computing them."""
+    `splits_file`: take fold `fold`'s lists from a splits.json (medpipe.data.splits) instead of computing them.
+    `held_out_source`: leave that source out instead of folds (held_out_source_split)."""
     items = cap_items(read_labels_csv(dataset_dir, class_names, label_map, csv_name), max_cases, seed)
+    if held_out_source:
+        if splits_file:
+            raise MedpipeError("--held_out_source and --splits_file both choose the validation part; give one")
+        return held_out_source_split(items, held_out_source, class_names)
     return split_items(items, fold, num_folds, seed, split_mode, splits_file)
+
+
+def held_out_source_split(
+    items: Sequence[dict[str, Any]], source: str, class_names: Sequence[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Leave-one-source-out: train on every other source, validate on `source` (a cross-site estimate).
+
+    Refused in one line when the source is unknown or when leaving it out removes a class from training: a model
+    that never saw a class cannot be scored on it, and a silent 2-class model would be worse."""
+    sources = sorted({str(it.get("source", "unknown")) for it in items})
+    if source not in sources:
+        raise MedpipeError(f"--held_out_source '{source}' is not a source of this data set; sources: {sources}")
+    train = [it for it in items if it.get("source") != source]
+    val = [it for it in items if it.get("source") == source]
+    missing = [name for c, name in enumerate(class_names) if not any(it["label"] == c for it in train)]
+    if missing:
+        raise MedpipeError(
+            f"holding out '{source}' leaves no training images of class {missing}; hold out another source"
+        )
+    return {"train": train, "val": val}
 
 
 def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> list[float]:
