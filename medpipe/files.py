@@ -53,6 +53,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def cache_dir() -> Path:
+    """Where medpipe keeps what it can recompute (image hashes, the fitted input guard): `$MEDPIPE_CACHE_DIR`,
+    else `~/.cache/medpipe`. Never inside the repository: fitted files are not committed."""
+    return Path(os.environ.get("MEDPIPE_CACHE_DIR") or Path.home() / ".cache" / "medpipe")
+
+
 def writable_dir(path: str | Path, what: str = "output folder") -> Path:
     """Create `path` if needed and prove it takes a file; a file in the way, a read-only place or a full disk is
     one MedpipeError naming the folder, before any work is done."""

@@ -17,7 +17,7 @@ from medpipe.cli import main
 from medpipe.errors import MedpipeError
 from medpipe.evaluation.reports import ClassificationReport
 from medpipe.inference.guard_fit import _held_out, fit_guard
-from medpipe.inference.input_guard import GUARD_FILE, OK, InputGuard, ModalityModel, image_features
+from medpipe.inference.input_guard import OK, InputGuard, ModalityModel, default_guard_file, image_features
 
 
 def _held_out_brain_image() -> str:
@@ -102,11 +102,21 @@ def test_model_file_round_trip_without_pickle(tmp_path: Path) -> None:
     assert image_features(rng.random((300, 200))).shape == (32 * 32 + 16,)
 
 
-def test_shipped_guard_file_is_reproducible(tmp_path: Path) -> None:
-    """`medpipe guard fit` (same seed, same shared data) gives the coefficient file shipped in the package."""
+def test_guard_file_is_fitted_on_first_use_and_reproducible(tmp_path: Path) -> None:
+    """The guard fitted on first use (cache folder) equals `medpipe guard fit` run again (same seed, same data)."""
     real_dataset("covid_cxr")
+    shipped_path = default_guard_file(fit_if_missing=True)
     fit_guard(Path(real_dataset("brain_mri_yes_no")).parent, tmp_path / "refit.npz", measure_held_out=False)
-    with np.load(GUARD_FILE, allow_pickle=False) as shipped, np.load(tmp_path / "refit.npz") as refit:
+    with np.load(shipped_path, allow_pickle=False) as shipped, np.load(tmp_path / "refit.npz") as refit:
         assert list(shipped["classes"]) == list(refit["classes"])
         for name in ("mean", "scale", "coef", "intercept"):
             assert np.allclose(shipped[name], refit[name], rtol=1e-4, atol=1e-5), name
+
+
+def test_unfitted_guard_without_data_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard's coefficients are never committed: with no cached fit and no shared data, say how to get one."""
+    monkeypatch.setenv("MEDPIPE_CACHE_DIR", str(tmp_path / "empty_cache"))
+    monkeypatch.delenv("MEDPIPE_DATA", raising=False)
+    with pytest.raises(MedpipeError, match="not fitted yet.*medpipe guard fit.*--input_guard false"):
+        InputGuard("ct")
+    assert not (tmp_path / "empty_cache" / "input_guard.npz").exists()

@@ -297,8 +297,8 @@ def guard_command(
     medpipe guard check IMAGE [IMAGE …] --expected brain_mri|chest_xray|ct [--model_file FILE]
 
     fit: refit the wrong-input guard on a group-aware draw of the shared sets and print held-out flag rates
-    (default --out: the package's medpipe/inference/input_guard.npz). check: one line per image (ok, or what it
-    looks like instead).
+    (default --out: input_guard.npz in $MEDPIPE_CACHE_DIR or ~/.cache/medpipe, where first use also fits it).
+    check: one line per image (ok, or what it looks like instead).
     """
     if action == "fit":
         from medpipe.data.datalists import data_root as default_root

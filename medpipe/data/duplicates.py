@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medpipe.files import cache_dir
 
 HASH_CACHE_VERSION = 1  # bump when image_hashes changes, so stored hashes are not reused
 
@@ -30,7 +31,7 @@ def image_hashes(path: str | Path) -> tuple[int, int]:
 
 def hash_cache_file() -> Path:
     """`$MEDPIPE_CACHE_DIR/image_hashes.json`, else `~/.cache/medpipe/image_hashes.json`."""
-    return Path(os.environ.get("MEDPIPE_CACHE_DIR") or Path.home() / ".cache" / "medpipe") / "image_hashes.json"
+    return cache_dir() / "image_hashes.json"
 
 
 def cached_image_hashes(paths_by_sha: dict[str, str | Path]) -> dict[str, tuple[int, int]]:

@@ -100,7 +100,16 @@ class EpochCollector:
     `self.records` (`_write`).
     """
 
-    records: list[Any]
+    def __init__(
+        self, output_dir: str, n_boot: int = 1000, seed: int = 0, info: dict[str, Any] | None = None,
+        pred_key: str = "pred", label_key: str = "label", path_key: str = "path",
+    ) -> None:  # fmt: skip
+        """output_dir: where the files go; n_boot / seed: the bootstrap CIs; info: fields copied into metrics.json;
+        *_key: where the evaluator output and batch item hold the prediction, label and image path."""
+        self.output_dir = Path(output_dir)
+        self.n_boot, self.seed, self.info = n_boot, seed, info or {}
+        self.pred_key, self.label_key, self.path_key = pred_key, label_key, path_key
+        self.records: list[Any] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -130,27 +139,15 @@ class ClassificationReport(EpochCollector):
     """
 
     def __init__(
-        self,
-        output_dir: str,
-        class_names: Sequence[str],
-        with_labels: bool = True,
-        n_boot: int = 1000,
-        seed: int = 0,
-        info: dict[str, Any] | None = None,
-        pred_key: str = "pred",
-        label_key: str = "label",
-        path_key: str = "path",
-        columns: Sequence[Any] | None = None,
-    ) -> None:
+        self, output_dir: str, class_names: Sequence[str], with_labels: bool = True,
+        columns: Sequence[Any] | None = None, **common: Any,
+    ) -> None:  # fmt: skip
         """columns: per-case column sources (`header`, `cells(path, probabilities)`) written after `predicted`;
-        default the uncertainty columns (medpipe.evaluation.calibration.report_columns)."""
-        self.output_dir = Path(output_dir)
+        default the uncertainty columns (medpipe.evaluation.calibration.report_columns). common: EpochCollector's."""
+        super().__init__(output_dir, **common)
         self.class_names = list(class_names)
         self.columns = report_columns() if columns is None else [c for c in columns if c is not None]
         self.with_labels = with_labels
-        self.n_boot, self.seed = n_boot, seed
-        self.info = info or {}
-        self.pred_key, self.label_key, self.path_key = pred_key, label_key, path_key
         self.records: list[tuple[str, np.ndarray, int | None]] = []  # (path, probabilities, label or None)
 
     def _record(self, out: Mapping[str, Any], item: Mapping[str, Any]) -> tuple[str, np.ndarray, int | None]:

@@ -58,21 +58,12 @@ class SegmentationReport(EpochCollector):
     """
 
     def __init__(
-        self,
-        output_dir: str,
-        structures: Mapping[str, Sequence[int]],
-        n_boot: int = 1000,
-        seed: int = 0,
-        info: dict[str, Any] | None = None,
-        pred_key: str = "pred",
-        label_key: str = "label",
-        path_key: str = "path",
-        group_key: str = "volume_group",
-    ) -> None:
-        self.output_dir = Path(output_dir)
+        self, output_dir: str, structures: Mapping[str, Sequence[int]], group_key: str = "volume_group",
+        **common: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(output_dir, **common)
         self.structures = {k: list(v) for k, v in structures.items()}
-        self.n_boot, self.seed, self.info = n_boot, seed, info or {}
-        self.pred_key, self.label_key, self.path_key, self.group_key = pred_key, label_key, path_key, group_key
+        self.group_key = group_key
         self.records: list[dict[str, Any]] = []  # one per slice: path, group and slice_statistics
 
     def _record(self, out: Mapping[str, Any], item: Mapping[str, Any]) -> dict[str, Any]:

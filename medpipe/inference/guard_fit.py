@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from medpipe.errors import MedpipeError
-from medpipe.inference.input_guard import GUARD_FILE, MIN_PROBABILITY, MODALITIES, ModalityModel, file_features
+from medpipe.inference.input_guard import MIN_PROBABILITY, MODALITIES, ModalityModel, default_guard_file, file_features
 
 HOLDOUT_EVERY = 5  # about one group in five is held out
 FIT_PER_SOURCE = 100  # images drawn from each fit source
@@ -143,7 +143,7 @@ def fit_guard(
         if part["held_out"] and measure_held_out:
             held[name] = (modality, np.stack([file_features(p) for p in part["held_out"]]))
     model = fit_model(np.stack(fit_feats), fit_mods)
-    out_path = Path(out) if out else GUARD_FILE
+    out_path = Path(out) if out else default_guard_file()
     command = f"medpipe guard fit --data_root <shared data> --seed {seed}"
     model.save(out_path, command=command, fit_images=str(len(fit_mods)), seed=str(seed))
     return {

@@ -9,8 +9,9 @@ seconds from the shared data sets (`medpipe guard fit`, medpipe.inference.guard_
 modalities, so a photograph or a knee X-ray is judged by which of the three it resembles most. A case is flagged
 when P(expected modality) < MIN_PROBABILITY.
 
-The coefficient file (`input_guard.npz`: numpy arrays, loaded without pickle) ships as package data beside this
-module; a test refits it from the shared data and compares."""
+The coefficient file (`input_guard.npz`: numpy arrays, loaded without pickle) is fitted from the shared data sets
+(`$MEDPIPE_DATA`) into the cache folder on first use, or by `medpipe guard fit`; it is never committed. A test checks
+that refitting gives the same coefficients."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from medpipe.errors import MedpipeError
 
-GUARD_FILE = Path(__file__).with_name("input_guard.npz")
+GUARD_FILE_NAME = "input_guard.npz"
 MODALITIES = {"brain_mri": "a brain MRI", "chest_xray": "a chest X-ray", "ct": "a CT slice"}
 WORK_SIZE = 128
 THUMB = 32
@@ -99,7 +100,8 @@ class ModalityModel:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> ModalityModel:
-        path = Path(path) if path else GUARD_FILE
+        """The given file, else the cached default, fitted from $MEDPIPE_DATA first if it is not there yet."""
+        path = Path(path) if path else default_guard_file(fit_if_missing=True)
         try:
             with np.load(path, allow_pickle=False) as data:
                 return cls(data["classes"].tolist(), data["mean"], data["scale"], data["coef"], data["intercept"])
@@ -107,6 +109,27 @@ class ModalityModel:
             raise MedpipeError(
                 f"cannot load the input guard '{path}' ({exc}): refit it with `medpipe guard fit`"
             ) from exc
+
+
+def default_guard_file(fit_if_missing: bool = False) -> Path:
+    """`<cache>/input_guard.npz`; with `fit_if_missing`, fitted there (~10 s, once) from the shared data sets."""
+    from medpipe.files import cache_dir
+
+    path = cache_dir() / GUARD_FILE_NAME
+    if fit_if_missing and not path.is_file():
+        import os
+
+        from medpipe.inference.guard_fit import fit_guard
+
+        root = os.environ.get("MEDPIPE_DATA")
+        if not root or not (Path(root) / "covid_cxr").is_dir():
+            raise MedpipeError(
+                "the wrong-input guard is not fitted yet and MEDPIPE_DATA holds no shared data sets to fit it from: "
+                "set MEDPIPE_DATA and run `medpipe guard fit`, or pass --input_guard false"
+            )
+        log.info(f"fitting the wrong-input guard from {root} into {path} (once)")
+        fit_guard(root, path, measure_held_out=False)
+    return path
 
 
 def verdict(probabilities: Mapping[str, float], expected: str) -> str:
