@@ -8,7 +8,7 @@ torchscript. Weights are seeded random ones (speed does not depend on them; agre
 int8's accuracy change needs trained models). Inputs are real images through the bundle's preprocessing.
 
     OMP_NUM_THREADS=2 MEDPIPE_DATA=/work/shared/data python benchmarks/bench_runtime.py [--threads 2] [--repeat 2]
-        [--cases brain128,brain224,cxr,ct] [--batch 64]
+        [--cases brain128,brain224,cxr,ct] [--batch 64] [--ct_networks default,unet5_25d]
 
 Run it on an otherwise idle machine: variants take turns (round robin) so a load change spreads over all of them,
 but a load that stops mid-run still skews a row measured once.
@@ -94,22 +94,23 @@ def bench_batch(title: str, nets: dict, batch: torch.Tensor, repeat: int, chunk:
     return [(title, v, timed[v][0], float(np.mean(labels(timed[v][1]) == reference))) for v in VARIANTS]
 
 
-def bench_ct(series: Path, nets: dict, image_size: int, repeat: int) -> list[tuple]:
+def bench_ct(series: Path, nets: dict, image_size: int, repeat: int, context: int = 1, name: str = "UNet") -> list:
     """The network alone on the prepared slices, then the whole pipeline after loading (the networks are warm by
-    then: no warm-up run)."""
+    then: no warm-up run). context: the network's 2.5-D input slices."""
     from medpipe.inference.ct_volume import VolumeSegmenter, ct_to_model_slices
     from medpipe.inferers.autocast import AutocastInferer
     from medpipe.io import ct
+    from medpipe.transforms.slice_context import stack_context
 
     volume = ct.load_volume(series)
-    slices = torch.from_numpy(ct_to_model_slices(volume)[:, None])
+    slices = torch.from_numpy(stack_context(ct_to_model_slices(volume), context))
     slices = torch.nn.functional.interpolate(slices, size=(image_size, image_size), mode="area")
-    rows = bench_batch(f"CT UNet {len(slices)} slices, network alone", nets, slices, repeat, 32)
-    segmenters = {v: VolumeSegmenter(nets[v], image_size, inferer=AutocastInferer(channels_last="last" in v))
-                  for v in VARIANTS}  # fmt: skip
+    rows = bench_batch(f"CT {name} {len(slices)} slices, network alone", nets, slices, repeat, 32)
+    segmenters = {v: VolumeSegmenter(nets[v], image_size, inferer=AutocastInferer(channels_last="last" in v),
+                                     context_slices=context) for v in VARIANTS}  # fmt: skip
     timed = round_robin({v: (lambda s=segmenters[v]: s.segment(volume)) for v in VARIANTS}, repeat, {})
     reference = timed["torch fp32"][1]
-    title = f"CT {volume.array.shape} whole pipeline"
+    title = f"CT {name} {volume.array.shape} whole pipeline"
     return rows + [(title, v, timed[v][0], float(np.mean(timed[v][1] == reference))) for v in VARIANTS]
 
 
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="classification batch size")
     parser.add_argument("--cases", default="brain128,brain224,cxr,ct", help="comma-separated subset to run")
     parser.add_argument("--series", default=None, help="CT DICOM series (default: the RIDER series under MEDPIPE_DATA)")
+    parser.add_argument("--ct_networks", default="default", help="covid_ct_seg networks for the ct case (comma list)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from medpipe.export.int8 import calibration_batches
@@ -143,11 +145,14 @@ def main() -> None:
             net_name = bundle_net.parser.get_parsed_content("network_name")
             title = title.format(net=net_name, size=batch.shape[-1])
             rows += bench_batch(title.replace("64x", f"{len(batch)}x"), nets, batch, args.repeat, len(batch))
-        if "ct" in chosen:
-            folder = Path(tmp) / "ct"
+        for ct_network in args.ct_networks.split(",") if "ct" in chosen else []:
+            folder = Path(tmp) / f"ct_{ct_network}"
             folder.mkdir()
-            nets, bundle_net = networks("covid_ct_seg", None, {}, folder)
-            rows += bench_ct(series, nets, int(bundle_net.example.shape[-1]), args.repeat)
+            network = None if ct_network == "default" else ct_network
+            nets, bundle_net = networks("covid_ct_seg", network, {}, folder)
+            size, context = int(bundle_net.example.shape[-1]), int(bundle_net.example.shape[1])
+            name = str(bundle_net.parser.get_parsed_content("network_name"))
+            rows += bench_ct(series, nets, size, args.repeat, context, name)
     import onnxruntime
 
     elapsed = time.perf_counter() - started

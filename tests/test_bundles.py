@@ -14,6 +14,7 @@ from monai.bundle import verify_metadata, verify_net_in_out
 
 from conftest import BUNDLES, REPO, real_dataset
 from medpipe.bundle.config import run_bundle
+from medpipe.bundle.verify import net_io_overrides
 
 SCHEMA = REPO / "medpipe" / "schemas" / "meta_schema.json"
 REQUIRED_FILES = [
@@ -68,8 +69,9 @@ def test_network_in_out(bundle: Path, network: str) -> None:
     if overlay.is_file():
         configs.append(str(overlay))
     verify_net_in_out(
-        net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"), config_file=configs, device="cpu"
-    )
+        net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"), config_file=configs, device="cpu",
+        **net_io_overrides(configs),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -198,3 +199,32 @@ def test_member_columns_for_an_ensemble() -> None:
     assert cells[0][1] == "0.0200" and cells[0][2] == ""
     assert cells[1][1] == "0.7000" and cells[1][2] == FLAG_TEXT  # members disagree: mean 0.55/0.45 is uncertain
     assert all(0 <= float(c[0]) <= 1 for c in cells)
+
+
+def test_member_spread_column_only_when_the_inferer_averages_members(tmp_path: Path) -> None:
+    from medpipe.evaluation.calibration import TemperatureScaledInferer, report_columns
+    from medpipe.inferers.mirror import MirrorAveragingInferer
+
+    def plain(x: torch.Tensor, net: Any) -> torch.Tensor:
+        return net(x)
+
+    def headers(inferer: Any) -> list[str]:
+        return [h for c in report_columns(None, None, inferer) for h in c.header]
+
+    assert "member_spread" not in headers(plain)
+    assert "member_spread" not in headers(TemperatureScaledInferer(plain, 2.0))  # a temperature alone has no members
+    mirror = MirrorAveragingInferer(plain, activation="softmax")
+    assert "member_spread" in headers(mirror) and "member_spread" in headers(TemperatureScaledInferer(mirror, 2.0))
+    # the temperature-scaled column reads the mirror's members divided by T: its spread is the calibrated one
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 4), torch.nn.Flatten())  # (5, 1, 4, 4) images → (5, 3) logits
+    x = torch.rand(5, 1, 4, 4)
+    scaled = TemperatureScaledInferer(mirror, 2.0)
+    column = next(c for c in report_columns(None, None, scaled) if c.header == ["member_spread"])
+    with torch.no_grad():
+        scaled(x, net)  # the mirror flips the images: the second member sees other pixels
+    column.batch_scored(5)
+    spreads = [float(column.cells("p", np.zeros(3))[0]) for _ in range(5)]
+    members = torch.softmax(mirror.last_member_logits / 2.0, dim=2).numpy()
+    chosen = members.mean(axis=0).argmax(axis=1)
+    want = np.abs(members[0, np.arange(5), chosen] - members[1, np.arange(5), chosen])
+    np.testing.assert_allclose(spreads, want, atol=1e-4)

@@ -88,6 +88,23 @@ def test_slices_resized_for_a_256_model(volume: dicom.Volume) -> None:
     assert abs(planes[0].mean() - native.mean()) < 0.01  # resizing keeps the overall brightness
 
 
+def test_display_slices_equal_iter_slices(volume: dicom.Volume) -> None:
+    """The batched resize (one call for all slices) gives iter_slices' values exactly."""
+    windowed = ct.window(volume.array, "lung")
+    for size in (256, None):
+        one_by_one = np.stack(list(ct.iter_slices(windowed, volume.affine, size=size)))
+        np.testing.assert_array_equal(ct.display_slices(windowed, volume.affine, size=size), one_by_one)
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 48), (2, 8, 8), (5, 17, 33)])
+def test_first_argmax_is_numpy_argmax_ties_included(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.random(shape).astype(np.float32)
+    scores[:, :4, :4] = 0.5  # all classes tie: the first wins
+    scores[1:, 4:6, :] = 0.9  # classes 1.. tie above class 0
+    np.testing.assert_array_equal(ct.first_argmax(scores), np.argmax(scores, axis=0).astype(np.uint8))
+
+
 def test_reassemble_label_maps_from_256_onto_the_512_grid(volume: dicom.Volume) -> None:
     rng = np.random.default_rng(0)
     small = [rng.integers(0, 3, size=(256, 256)).astype(np.uint8) for _ in range(95)]

@@ -150,6 +150,12 @@ def test_ensembles_of_the_bundle_and_of_the_cv_agree(two_runs: Path) -> None:
         assert float(row["prob_yes"]) == pytest.approx(float(want[path]["prob_yes"]), abs=2e-6)
     metrics = json.loads((two_runs / "scored" / "metrics.json").read_text())
     assert metrics["ensemble_ckpts"] == [members]
+    # per-case member spread at scoring time equals the spread of the two runs' saved probabilities
+    a, b = (_rows(two_runs / r / "fold0" / "predictions.csv") for r in ("seed0", "seed1"))
+    for path, row in got.items():
+        want_spread = abs(float(a[path]["prob_yes"]) - float(b[path]["prob_yes"]))
+        assert float(row["member_spread"]) == pytest.approx(want_spread, abs=2e-4)
+        assert float(want[path]["member_spread"]) == pytest.approx(want_spread, abs=2e-4)  # cv_ensemble's column
 
 
 def test_cv_ensemble_refuses_runs_it_cannot_average(two_runs: Path, tmp_path: Path) -> None:

@@ -173,7 +173,9 @@ def test_volume_segmenter_honours_runtime(tmp_path: Path) -> None:
     hu[20:76, 20:76] = rng.normal(-700, 150, size=(56, 56, 6))  # a chest-like blob of lung density in air
     volume = Volume(hu, np.diag([0.8, 0.8, 2.5, 1.0]))
     onnx_net = runtime_network(bundle_net.net, "onnxruntime", tmp_path / "model.pt")
-    masks = [VolumeSegmenter(net, 64, keep_components=0).segment(volume) for net in (bundle_net.net, onnx_net)]
+    context = int(bundle_net.example.shape[1])  # the default network reads 3 neighbouring slices
+    masks = [VolumeSegmenter(net, 64, keep_components=0, context_slices=context).segment(volume)
+             for net in (bundle_net.net, onnx_net)]  # fmt: skip
     assert masks[0].shape == hu.shape and np.array_equal(masks[0], masks[1])
 
 

@@ -242,8 +242,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_ctrl_c_during_parallel_cv_starts_no_queued_fold(data: Path, tmp_path: Path) -> None:
-    """Issue #20 item 5: after Ctrl-C a queued fold still started and ran to its end."""
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_ctrl_c_during_parallel_cv_starts_no_queued_fold(data: Path, tmp_path: Path, how: str) -> None:
+    """Issue #20 item 5: after Ctrl-C a queued fold still started and ran to its end. `kill PID` of the parent
+    alone (SIGTERM) used to leave both fold workers training as orphans."""
     (tmp_path / "fake_worker.py").write_text(textwrap.dedent(FAKE_WORKER))
     (tmp_path / "cli.py").write_text(textwrap.dedent(CLI))
     out = tmp_path / "cv"
@@ -260,8 +262,16 @@ def test_ctrl_c_during_parallel_cv_starts_no_queued_fold(data: Path, tmp_path: P
             time.sleep(0.2)
         time.sleep(0.5)  # let the workers' pids reach their marker files
         workers = [int((out / f"fold{k}" / "started").read_text()) for k in (0, 1)]
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
-        _, err = proc.communicate(timeout=25)  # the folds sleep 30 s: ending in time means they were stopped
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        else:
+            os.kill(proc.pid, signal.SIGTERM)  # `kill PID`: the parent only
+        try:
+            _, err = proc.communicate(timeout=25)  # the folds sleep 30 s: ending in time means they were stopped
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            err = proc.communicate()[1]
+            raise AssertionError(f"the interrupted cv did not end within 25 s; its stderr:\n{err}") from None
         time.sleep(1)
         assert sorted(p.parent.name for p in out.glob("fold*/started")) == ["fold0", "fold1"]  # none queued started
         assert not [pid for pid in workers if _alive(pid)], "a fold worker outlived the interrupted run"

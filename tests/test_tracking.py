@@ -162,6 +162,9 @@ def test_train_and_evaluate_are_tracked(bundle: Path, tmp_path: Path, mlflow_ser
     local = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for name, value in flatten_metrics(local.get("metrics", local)).items():
         assert evaluate.data.metrics[name] == pytest.approx(value), name
+    if "calibration" in local and "all_classes" in local["calibration"]:  # segmentation: pixel calibration too
+        ece = local["calibration"]["infection"]["ece"]
+        assert evaluate.data.metrics["calibration.infection.ece"] == pytest.approx(ece)
 
 
 def test_compare_prints_runs_side_by_side(mlflow_server: str, capsys: pytest.CaptureFixture) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -110,6 +111,11 @@ def test_rescore_reproduces_a_run_and_adds_mirroring(tmp_path: Path) -> None:
     assert fold0["tta"] is True
     plain = (tmp_path / "cv" / "fold0" / "predictions.csv").read_bytes()
     assert (tmp_path / "tta" / "fold0" / "predictions.csv").read_bytes() != plain
+    # mirroring has two members (image, mirror): every case gets their spread; a plain run has no such column
+    with (tmp_path / "tta" / "fold0" / "predictions.csv").open(newline="") as fh:
+        spreads = [float(r["member_spread"]) for r in csv.DictReader(fh)]
+    assert len(spreads) == fold0["n"] and all(0.0 <= v <= 1.0 for v in spreads) and max(spreads) > 0
+    assert b"member_spread" not in plain
     # the folds come from the run's splits.json: an image added since cannot silently move images between folds
     (data / "yes" / "added.png").write_bytes((data / "yes" / "synthetic_yes_000.png").read_bytes())
     with pytest.raises(Exception) as info:  # noqa: PT011 - MONAI wraps it; the CLI prints the MedpipeError inside

@@ -16,6 +16,17 @@ SCHEMA = Path(__file__).parents[1] / "schemas" / "meta_schema.json"
 
 
 
+def net_io_overrides(config_files: list[str]) -> dict[str, str]:
+    """verify_net_in_out overrides for a network overlay: a bundle with 2.5-D input (`context_slices`) feeds that
+    many channels, whatever the metadata's default network reads."""
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_files(config_files)
+    if "context_slices" not in config:
+        return {}
+    return {"_meta_#network_data_format#inputs#image#num_channels": int(config["context_slices"])}
+
+
 def verify_bundle(bundle: str | Path) -> list[str]:
     """Run the checks; return what passed, raise MedpipeError on the first failure."""
     from monai.bundle import verify_metadata, verify_net_in_out
@@ -34,7 +45,10 @@ def verify_bundle(bundle: str | Path) -> list[str]:
         if overlay.is_file():
             configs.append(str(overlay))
         try:
-            verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=configs, device="cpu")
+            verify_net_in_out(
+                net_id="network_def", meta_file=str(meta_file), config_file=configs, device="cpu",
+                **net_io_overrides(configs),
+            )  # fmt: skip
         except Exception as exc:
             raise MedpipeError(f"network '{network}' of {bundle_dir.name}: {exc}") from exc
         passed.append(f"network {network}")

@@ -232,6 +232,16 @@ class TemperatureScaledInferer:
     def __call__(self, inputs: Any, network: Any, *args: Any, **kwargs: Any) -> Any:
         return self.inferer(inputs, network, *args, **kwargs) / self.temperature
 
+    @property
+    def activation(self) -> str | None:
+        return getattr(self.inferer, "activation", None)
+
+    @property
+    def last_member_logits(self) -> Any:
+        """The wrapped ensemble's / mirror's member logits, scaled like the output (so spreads are calibrated)."""
+        members = getattr(self.inferer, "last_member_logits", None)
+        return None if members is None else members / self.temperature
+
 
 def calibrated_inferer(
     inferer: Callable[..., Any], calibration_file: str | Path | None, scoring: dict[str, Any] | None = None
@@ -253,11 +263,23 @@ def calibrated_inferer(
     return TemperatureScaledInferer(inferer, float(data["temperature"]))
 
 
-def report_columns(calibration_file: str | Path | None = None, input_guard: Any = None) -> list[Any]:
+def _averages_members(inferer: Any) -> bool:
+    """Whether this scoring inferer averages members (an ensemble or mirror keeps `last_member_logits`)."""
+    if isinstance(inferer, TemperatureScaledInferer):
+        return _averages_members(inferer.inferer)
+    return "last_member_logits" in getattr(inferer, "__dict__", {})
+
+
+def report_columns(
+    calibration_file: str | Path | None = None, input_guard: Any = None, inferer: Any = None
+) -> list[Any]:
     """The per-case predictions.csv columns a ClassificationReport adds: uncertainty (threshold from the
-    calibration file when it has one) and, when given, the wrong-input guard's verdict."""
-    from medpipe.evaluation.uncertainty import UncertaintyColumns
+    calibration file when it has one), `member_spread` when `inferer` averages members (fold ensemble, mirroring
+    TTA), and, when given, the wrong-input guard's verdict."""
+    from medpipe.evaluation.uncertainty import MemberSpreadColumn, UncertaintyColumns
 
     data = load_calibration(calibration_file)
     columns: list[Any] = [UncertaintyColumns(data.get("uncertainty_threshold") if data else None)]
+    if inferer is not None and _averages_members(inferer):
+        columns.append(MemberSpreadColumn(inferer))
     return columns + ([input_guard] if input_guard is not None else [])

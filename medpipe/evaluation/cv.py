@@ -250,6 +250,21 @@ def _fold_on_threads(threads: int, *args: Any, **overrides: Any) -> Path:
         raise MedpipeError(str(found)) from None
 
 
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """Cancel every fold not yet started and end the running ones (their files are atomic: nothing half-written)."""
     processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
@@ -275,7 +290,9 @@ def _run_folds(
     """Folds one after another, or `parallel` at a time in fresh processes sharing the cores between them.
 
     Why processes: on 2 cores two single-thread folds train ~1.15x faster in total than one fold on two threads
-    (small convolutions do not split well across threads). A fold left to run alone at the end gets all cores.
+    (small convolutions do not split well across threads). Each fold gets the cores divided by the folds it runs
+    alongside, those still running included: a last fold started while another runs must not take all cores
+    (oversubscribed OpenMP threads spin-wait), and its threads cannot grow once the other ends.
     A fold is submitted only when a worker is free, so after Ctrl-C or a failing fold no queued fold starts.
     """
     if parallel <= 1:
@@ -289,13 +306,16 @@ def _run_folds(
     context = multiprocessing.get_context("spawn")  # no forked copy of a half-initialised torch / OpenMP pool
     pool = ProcessPoolExecutor(parallel, mp_context=context, initializer=_ignore_sigint)
     running: set[Future] = set()
+    # `kill PID` (SIGTERM) must stop the fold workers too, as Ctrl-C does, not leave them training as orphans
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
         for fold in range(folds):
             if len(running) >= parallel:
                 finished, running = wait(running, return_when=FIRST_COMPLETED)
                 for job in finished:
                     job.result()  # re-raises a fold's error here, before another fold starts
-            threads = max(1, cores // min(parallel, folds - fold))
+            # share the cores among the folds that will run alongside this one (those still running count)
+            threads = max(1, cores // min(parallel, folds - fold + len(running)))
             running.add(pool.submit(_fold_on_threads, threads, bundle_dir, network, fold, folds, split_mode,
                                     out_dir, **overrides))  # fmt: skip
         for job in running:
@@ -311,6 +331,8 @@ def _run_folds(
     except BaseException:
         _stop_workers(pool)  # when one fold fails, folds not yet started are dropped
         raise
+    finally:
+        _restore_sigterm(previous)
     pool.shutdown(wait=True)
 
 

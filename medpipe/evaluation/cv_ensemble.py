@@ -19,6 +19,7 @@ from medpipe.errors import MedpipeError
 from medpipe.evaluation.cv import SPLITS_FILE, check_out_dir, read_predictions, read_run_summary, write_summary
 from medpipe.evaluation.metrics import classification_report
 from medpipe.evaluation.reports import check_report_files, predictions_csv, write_report_files
+from medpipe.evaluation.uncertainty import member_columns
 from medpipe.files import atomic_write_text
 
 
@@ -100,8 +101,9 @@ def ensemble_cv(runs: list[str], out: str) -> dict[str, Any]:
         wrong_by_all += [p for p, w in zip(paths, wrong.all(axis=0), strict=True) if w]
         report = {"fold": fold, "ensemble_of": [str(d / f"fold{fold}") for d in run_dirs],
                   **classification_report(labels, probs, class_names)}  # fmt: skip
-        write_report_files(out_dir / f"fold{fold}",
-                           {"predictions.csv": predictions_csv(paths, probs, class_names, labels)}, report)  # fmt: skip
+        header, cells = member_columns(members)  # uncertainty of the mean, member_spread, flag
+        csv_text = predictions_csv(paths, probs, class_names, labels, header, cells)
+        write_report_files(out_dir / f"fold{fold}", {"predictions.csv": csv_text}, report)
     if partition is not None:
         atomic_write_text(out_dir / SPLITS_FILE, partition)
     info = {

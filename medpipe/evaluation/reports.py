@@ -150,6 +150,19 @@ class ClassificationReport(EpochCollector):
         self.with_labels = with_labels
         self.records: list[tuple[str, np.ndarray, int | None]] = []  # (path, probabilities, label or None)
 
+    def _reset(self, engine: Engine) -> None:
+        super()._reset(engine)
+        for column in self.columns:
+            if hasattr(column, "reset"):
+                column.reset()
+
+    def _collect(self, engine: Engine) -> None:
+        before = len(self.records)
+        super()._collect(engine)
+        for column in self.columns:  # columns that read the scoring inferer's state of this batch (member_spread)
+            if hasattr(column, "batch_scored"):
+                column.batch_scored(len(self.records) - before)
+
     def _record(self, out: Mapping[str, Any], item: Mapping[str, Any]) -> tuple[str, np.ndarray, int | None]:
         label = None
         if self.with_labels:

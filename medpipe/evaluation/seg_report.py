@@ -40,6 +40,37 @@ def slice_statistics(
     return stats
 
 
+def pixel_calibration(
+    samples: Sequence[tuple[np.ndarray, np.ndarray]], structures: Mapping[str, Sequence[int]], per_slice: int
+) -> dict[str, Any]:
+    """Calibration of the per-pixel class probabilities over sampled pixels: top-label ECE, Brier score and
+    reliability bins over all classes, and the same for each structure as a two-class (in / out) problem."""
+    from medpipe.evaluation.metrics import brier_score, expected_calibration_error, reliability_bins
+
+    labels = np.concatenate([s[0] for s in samples])
+    probs = np.concatenate([s[1] for s in samples]).astype(np.float64)
+    probs /= probs.sum(axis=1, keepdims=True)
+    out: dict[str, Any] = {
+        "pixels": int(len(labels)),
+        "sampling": f"{per_slice} seeded random pixels per slice, on the label grid",
+        "all_classes": {
+            "ece": round(expected_calibration_error(labels, probs), 6),
+            "brier": round(brier_score(labels, probs), 6),
+            "reliability": reliability_bins(labels, probs),
+        },
+    }
+    for name, values in structures.items():
+        p_in = probs[:, list(values)].sum(axis=1)
+        two = np.stack([1.0 - p_in, p_in], axis=1)
+        inside = np.isin(labels, list(values)).astype(int)
+        out[name] = {
+            "ece": round(expected_calibration_error(inside, two), 6),
+            "brier": round(brier_score(inside, two), 6),
+            "reliability": reliability_bins(inside, two),
+        }
+    return out
+
+
 def _rows_csv(rows: Sequence[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -54,16 +85,18 @@ class SegmentationReport(EpochCollector):
 
     `pred` must be a label map on the label's grid (see MatchSized + AsDiscreted(argmax)); `structures` maps a
     name to the label values it covers, e.g. {"lung": [1, 2], "infection": [2]}. Slices are grouped into volumes
-    by `group_key` (volume_group).
+    by `group_key` (volume_group). When the output also holds the class probabilities (`prob_key`, (C, H, W) on
+    the label grid), metrics.json gets pixel-level calibration figures from `pixels_per_slice` seeded random pixels
+    of every slice (medpipe.evaluation.metrics: ECE, Brier score, reliability bins; all classes and infection-vs-rest).
     """
 
     def __init__(
         self, output_dir: str, structures: Mapping[str, Sequence[int]], group_key: str = "volume_group",
-        **common: Any,
+        prob_key: str = "prob", pixels_per_slice: int = 2048, **common: Any,
     ) -> None:  # fmt: skip
         super().__init__(output_dir, **common)
         self.structures = {k: list(v) for k, v in structures.items()}
-        self.group_key = group_key
+        self.group_key, self.prob_key, self.pixels_per_slice = group_key, prob_key, pixels_per_slice
         self.records: list[dict[str, Any]] = []  # one per slice: path, group and slice_statistics
 
     def _record(self, out: Mapping[str, Any], item: Mapping[str, Any]) -> dict[str, Any]:
@@ -71,11 +104,19 @@ class SegmentationReport(EpochCollector):
         true = torch.as_tensor(out[self.label_key]).detach().cpu().numpy().reshape(pred.shape)
         stats = slice_statistics(pred.astype(np.int64), true.astype(np.int64), self.structures)
         group = item.get(self.group_key, item[self.path_key])
-        return {"path": str(item[self.path_key]), "group": str(group), **stats}
+        record = {"path": str(item[self.path_key]), "group": str(group), **stats}
+        if out.get(self.prob_key) is not None:
+            probs = torch.as_tensor(out[self.prob_key]).detach().float().cpu().numpy()
+            probs = probs.reshape(probs.shape[0], -1)
+            rng = np.random.default_rng([self.seed, len(self.records)])  # same pixels every run
+            take = rng.choice(probs.shape[1], min(self.pixels_per_slice, probs.shape[1]), replace=False)
+            record["_calibration"] = (true.reshape(-1)[take].astype(np.int64), probs[:, take].T)
+        return record
 
     def _write(self, engine: Engine) -> None:
         from medpipe.evaluation.metrics import segmentation_report
 
+        samples = [r.pop("_calibration") for r in self.records if "_calibration" in r]
         report, slice_rows, volume_rows = segmentation_report(
             self.records, list(self.structures), self.n_boot, self.seed
         )
@@ -86,6 +127,8 @@ class SegmentationReport(EpochCollector):
             "empty_masks": "both empty: Dice 1, HD95 0; one empty: Dice 0, boundary points count the image diagonal",
             **report,
         }
+        if samples:
+            report["calibration"] = pixel_calibration(samples, self.structures, self.pixels_per_slice)
         files = {"per_slice.csv": _rows_csv(slice_rows), "per_volume.csv": _rows_csv(volume_rows)}
         write_report_files(self.output_dir, files, report)
         per_volume = report["metrics"]["per_volume"]

@@ -85,6 +85,44 @@ class UncertaintyColumns:
         return [f"{value:.4f}", FLAG_TEXT if value > self.threshold else ""]
 
 
+class MemberSpreadColumn:
+    """predictions.csv column `member_spread`: for each case, the range over the members (fold models, mirror
+    images) of the probability of the class their mean chooses.
+
+    `source` is the scoring inferer (ensemble / mirror, possibly temperature-scaled); after each batch the report
+    calls `batch_scored(n)` and the column reads the batch's member logits (M, n, C) from it."""
+
+    header = ["member_spread"]
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.spreads: list[float | None] = []
+        self._next = 0
+
+    def reset(self) -> None:
+        """A new epoch: forget the cases collected so far."""
+        self.spreads, self._next = [], 0
+
+    def batch_scored(self, n: int) -> None:
+        logits = getattr(self.source, "last_member_logits", None)
+        if logits is None or len(logits) < 2 or logits.shape[1] != n:
+            self.spreads += [None] * n
+            return
+        z = np.asarray(logits.cpu().numpy(), dtype=float)
+        if z.shape[2] == 1 or getattr(self.source, "activation", "softmax") == "sigmoid":
+            members = [np.concatenate([1 / (1 + np.exp(m)), 1 / (1 + np.exp(-m))], axis=1) if m.shape[1] == 1
+                       else 1 / (1 + np.exp(-m)) for m in z]  # fmt: skip
+        else:
+            members = [np.exp(m - m.max(axis=1, keepdims=True)) for m in z]
+        members = [m / m.sum(axis=1, keepdims=True) for m in members]
+        self.spreads += [float(v) for v in member_spread(members)]
+
+    def cells(self, path: str, probs: Sequence[float] | np.ndarray) -> list[str]:
+        index, self._next = self._next, self._next + 1  # cells come in the order the cases were scored
+        value = self.spreads[index] if index < len(self.spreads) else None
+        return ["" if value is None else f"{value:.4f}"]
+
+
 def member_columns(
     member_probs: Sequence[np.ndarray] | np.ndarray, threshold: float | None = None
 ) -> tuple[list[str], list[list[str]]]:

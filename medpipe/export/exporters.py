@@ -61,7 +61,9 @@ def bundle_network(
     shape = [int(s) for s in image["spatial_shape"]]
     if "image_size" in parser:
         shape = [int(parser.get_parsed_content("image_size"))] * len(shape)
-    example = torch.rand(2, int(image["num_channels"]), *shape, generator=torch.Generator().manual_seed(0))
+    # a 2.5-D network reads `context_slices` channels whatever the metadata's default network does
+    channels = int(parser.get_parsed_content("context_slices")) if "context_slices" in parser else image["num_channels"]
+    example = torch.rand(2, int(channels), *shape, generator=torch.Generator().manual_seed(0))
     segmentation = data_format["outputs"]["pred"]["type"] == "image"
     return BundleNetwork(net.cpu().eval(), example, segmentation, parser, Path(bundle_dir), network, overrides)
 

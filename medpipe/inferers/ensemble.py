@@ -51,12 +51,15 @@ class ModelEnsembleInferer(Inferer):
         super().__init__()
         check_activation(activation)
         self.inferer, self.members, self.activation = inferer, list(members), activation
+        self.last_member_logits: torch.Tensor | None = None  # the last batch's members, read by report columns
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         outputs = [self.inferer(inputs, network, *args, **kwargs)]
         for member in self.members:
             member.to(inputs.device).eval()  # the evaluator moves and switches only its own network
             outputs.append(self.inferer(inputs, member, *args, **kwargs))
+        # per-case member logits (M, B, C) for the member_spread column; segmentation maps are not kept
+        self.last_member_logits = torch.stack([o.detach().float() for o in outputs]) if outputs[0].ndim == 2 else None
         return mean_probability_logits(outputs, self.activation)
 
 

@@ -61,6 +61,7 @@ class MirrorAveragingInferer(Inferer):
         self.flip_dims = [int(d) for d in flip_dims]
         self.activation = activation
         self.spatial_output = spatial_output
+        self.last_member_logits: torch.Tensor | None = None  # the last batch's members, read by report columns
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if any(inputs.ndim + d < 2 for d in self.flip_dims):
@@ -70,4 +71,6 @@ class MirrorAveragingInferer(Inferer):
         for dim in self.flip_dims:
             mirrored = self.inferer(torch.flip(inputs, [dim]), network, *args, **kwargs)
             outputs.append(torch.flip(mirrored, [dim]) if self.spatial_output else mirrored)
+        # per-case member logits (M, B, C) for the member_spread column; images' maps would cost too much memory
+        self.last_member_logits = None if self.spatial_output else torch.stack([o.detach().float() for o in outputs])
         return mean_probability_logits(outputs, self.activation)

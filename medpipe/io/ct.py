@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -94,6 +95,14 @@ def iter_slices(array: np.ndarray, affine: np.ndarray, size: int | Sequence[int]
         yield plane if target is None or target == plane.shape else _resize(plane[None], target, "bilinear")[0]
 
 
+def display_slices(array: np.ndarray, affine: np.ndarray, size: int | Sequence[int] | None = 256) -> np.ndarray:
+    """All of `iter_slices` as one (N, H, W) float32 array, resized in one call (the same values, faster)."""
+    display = _to_display(array, affine)
+    planes = np.ascontiguousarray(display.transpose(2, 1, 0), dtype=np.float32)  # (S, rows=P, cols=L)
+    target = _size2d(size)
+    return planes if target is None or target == planes.shape[1:] else _resize(planes, target, "bilinear")
+
+
 def stack_slices(planes: Sequence[np.ndarray], shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
     """Inverse of `iter_slices(..., size=None)`: native-size display planes back to the volume grid, exactly."""
     shape = tuple(int(v) for v in shape)
@@ -145,8 +154,9 @@ def _size2d(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return height, width
 
 
-def _resize(planes: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    """Resize (C, H, W) planes with torch: "bilinear" (antialiased when shrinking) or "nearest-exact"."""
+def _resize(planes: np.ndarray, size: tuple[int, int], mode: str, numpy: bool = True) -> Any:
+    """Resize (C, H, W) planes with torch: "bilinear" (antialiased when shrinking) or "nearest-exact".
+    A numpy array, or with numpy=False the torch tensor (no copy back for callers that go on in torch)."""
     import torch  # imported here so DICOM/NIfTI work does not pay for torch
     import torch.nn.functional as F  # noqa: N812
 
@@ -156,7 +166,23 @@ def _resize(planes: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
         out = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=shrink)
     else:
         out = F.interpolate(tensor, size=size, mode=mode)
-    return out[0].numpy()
+    return out[0].numpy() if numpy else out[0]
+
+
+def first_argmax(probs: Any) -> np.ndarray:
+    """uint8 argmax over the class axis of (C, H, W) scores, the first class winning ties (as np.argmax).
+
+    Class by class comparisons: with few classes this is ~10x faster than numpy's or torch's argmax over a leading
+    axis, which walk the array with a stride of H * W."""
+    import torch
+
+    scores = torch.as_tensor(probs)
+    best, labels = scores[0].clone(), torch.zeros(scores.shape[1:], dtype=torch.uint8)
+    for c in range(1, scores.shape[0]):
+        higher = scores[c] > best  # strictly greater: an earlier class keeps a tie
+        labels[higher] = c
+        best = torch.where(higher, scores[c], best)
+    return labels.numpy()
 
 
 def _to_labels(prediction: np.ndarray, native: tuple[int, int], threshold: float) -> np.ndarray:
@@ -169,10 +195,10 @@ def _to_labels(prediction: np.ndarray, native: tuple[int, int], threshold: float
             labels = _resize(labels[None], native, "nearest-exact")[0].astype(np.uint8)
         return labels
     if prediction.ndim == 3:
-        probs = prediction if prediction.shape[1:] == native else _resize(prediction, native, "bilinear")
+        probs = prediction if prediction.shape[1:] == native else _resize(prediction, native, "bilinear", numpy=False)
         if probs.shape[0] == 1:
-            return (probs[0] > threshold).astype(np.uint8)
-        return np.argmax(probs, axis=0).astype(np.uint8)
+            return (np.asarray(probs[0]) > threshold).astype(np.uint8)
+        return first_argmax(probs)
     raise MedpipeError(f"reassemble: a slice prediction must be (H, W) or (C, H, W), got shape {prediction.shape}")
 
 

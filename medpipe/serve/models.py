@@ -69,9 +69,11 @@ class CTSegmentationModel:
     """covid_ct_seg's volumetric inference on one received CT series folder."""
 
     def __init__(self, route: Route) -> None:
-        if len(route.checkpoints) != 1:
-            raise MedpipeError(f"routing: route '{route.name}' (CT segmentation) takes exactly one checkpoint")
         parser = _parser(route, "inference")
+        if len(route.checkpoints) > 1:  # e.g. the five CV fold models: their probabilities are averaged
+            if "ensemble_ckpts" not in parser.config:
+                raise MedpipeError(f"routing: bundle {route.bundle.name} has no ensemble_ckpts: give one checkpoint")
+            parser["ensemble_ckpts"] = [str(p) for p in route.checkpoints[1:]]
         network = parser.get_parsed_content("network")  # the eager network, which the segmenter (or its runtime) runs
         _load_weights(network, route.checkpoints[0])
         network.eval()

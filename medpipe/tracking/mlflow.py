@@ -368,7 +368,10 @@ class MLflowTracker:
         metrics_json = out / "metrics.json"
         if metrics_json.is_file():
             report = json.loads(metrics_json.read_text())
-            self._log_metrics(flatten_metrics(report.get("metrics", report)), 0)
+            metrics = flatten_metrics(report.get("metrics", report))
+            if isinstance(report.get("calibration"), dict):  # segmentation's pixel ECE / Brier sit beside metrics
+                metrics |= flatten_metrics(report["calibration"], "calibration.")
+            self._log_metrics(metrics, 0)
             self.client.log_artifact(self.run_id, str(metrics_json))
         for name in self.artifacts:
             path = Path(name) if Path(name).is_absolute() else out / name

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Randomizable
 
 from medpipe.errors import MedpipeError
 from medpipe.io.images import load_grey_2d
@@ -20,8 +20,6 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
-
-
 
 
 def load_label_2d(path: str | Path) -> np.ndarray:
@@ -42,17 +40,29 @@ class LoadSegSliced(MapTransform):
     """Load an image (grey, [0, 1]) and its label map as (1, H, W) tensors, and check that they belong together.
 
     Refuses, in one line naming the file: an image and label of different sizes, and label values that are not
-    classes 0..num_classes-1 (a 0/255 mask given where 0/1/2 is expected, say).
+    classes 0..num_classes-1 (a 0/255 mask given where 0/1/2 is expected, say). An item with a `context` list
+    (medpipe.transforms.slice_context) loads those slices as the channels instead: (k, H, W), the slice in the middle.
     """
 
-    def __init__(self, num_classes: int, image_key: str = "image", label_key: str = "label") -> None:
+    def __init__(
+        self, num_classes: int, image_key: str = "image", label_key: str = "label", context_key: str = "context"
+    ) -> None:
         super().__init__([image_key, label_key], allow_missing_keys=True)
         self.num_classes, self.image_key, self.label_key = num_classes, image_key, label_key
+        self.context_key = context_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
         image = load_grey_2d(str(out[self.image_key]))
-        out[self.image_key] = torch.from_numpy(image[None])
+        channels = [image]
+        if out.get(self.context_key):
+            channels = [
+                load_grey_2d(str(p)) if str(p) != str(out[self.image_key]) else image for p in out.pop(self.context_key)
+            ]
+            for path, channel in zip(data[self.context_key], channels, strict=True):
+                if channel.shape != image.shape:
+                    raise MedpipeError(f"context slice '{path}' is {channel.shape}, its slice is {image.shape}")
+        out[self.image_key] = torch.from_numpy(np.stack(channels))
         if self.label_key in out:
             path = str(out[self.label_key])
             label = load_label_2d(path)
@@ -132,3 +142,47 @@ def clahe(images: np.ndarray, clip_limit: float = 7.0, tiles: int = 8) -> np.nda
         bottom = table[y2[:, None], x1[None, :], img] * (f32(1) - wx) + table[y2[:, None], x2[None, :], img] * wx
         out[i] = np.clip(np.rint(top * (f32(1) - wy) + bottom * wy), 0, 255)
     return out[0] if single else out
+
+
+class RandReverseContextd(Randomizable, MapTransform):
+    """Reverse the order of the context channels (k neighbouring slices) with probability `prob`.
+
+    Training slices and volumes need not run in the same head-foot direction; seeing both orders makes the model
+    indifferent to it.
+    """
+
+    def __init__(self, keys: str | Sequence[str] = "image", prob: float = 0.5) -> None:
+        MapTransform.__init__(self, keys)
+        self.prob = prob
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        if self.R.random_sample() < self.prob:
+            for key in self.key_iterator(out):
+                out[key] = torch.flip(torch.as_tensor(out[key]), dims=(0,))
+        return out
+
+
+def patch_sampling(
+    patch_size: int, class_ratios: Sequence[float], num_classes: int, keys: Sequence[str] = ("image", "label")
+) -> list[Any]:
+    """Random square patches of `patch_size` from each (native-size) slice, centred on a voxel of class c with
+    probability class_ratios[c] (nnU-Net-style foreground oversampling); patch_size 0: whole slices, no list."""
+    from monai.transforms import RandCropByLabelClassesd
+
+    if int(patch_size) <= 0:
+        return []
+    if len(class_ratios) != num_classes or min(class_ratios) < 0 or sum(class_ratios) <= 0:
+        raise MedpipeError(f"patch_class_ratios needs {num_classes} non-negative weights, got {list(class_ratios)}")
+    return [
+        RandCropByLabelClassesd(
+            keys=list(keys),
+            label_key=keys[-1],
+            spatial_size=[int(patch_size)] * 2,
+            ratios=list(class_ratios),
+            num_classes=num_classes,
+            num_samples=1,
+            allow_smaller=True,
+            warn=False,
+        )
+    ]

@@ -1,0 +1,111 @@
+"""covid_ct_seg on real clinical DICOM: slice-level agreement with radiologists' labels, false infection on
+infection-free slices and scans, and the wall time of the whole volumetric inference (NIfTI + DICOM-SEG + report).
+
+Series (under MEDPIPE_DATA): `covid_ct_md/P002` (a COVID-19 patient, 133 JPEG-Lossless slices, per-slice infection
+labels: slice ROC-AUC of predicted infection mL, mL on the label-negative slices) and `dicom/rider_pilot_chest_ct_0117`
+(a pre-COVID scan, 95 slices: every mL of infection there is false). Neither was ever in covid_ct_seg's training data.
+
+Each `--model NAME=NETWORK:CKPT[,CKPT…]` is built from the bundle's own configs (train.json, net_NETWORK.json,
+inference.json), so it runs exactly as `medpipe run covid_ct_seg inference` does; several checkpoints are averaged
+(the bundle's `ensemble_ckpts`). CKPT `random` keeps the seeded initial weights: only its time means anything.
+
+    OMP_NUM_THREADS=2 MEDPIPE_DATA=/work/shared/data python benchmarks/ct_real_dicom.py \
+        --model v2=unet5_25d:results/covid_ct_seg/unet5_25d_e40/fold0/model.pt --repeat 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "covid_ct_seg"
+
+
+def build_segmenter(network: str, ckpts: list[str], options: dict[str, Any]) -> Any:
+    """The bundle's `infer#segmenter` for `network` with the first checkpoint loaded and the rest as its ensemble."""
+    from monai.bundle import ConfigParser
+
+    from medpipe.bundle.config import config_files
+    from medpipe.nets.pretrained import fitting_state_dict
+
+    parser = ConfigParser()
+    parser.read_config(config_files(BUNDLE, "inference", None if network == "default" else network))
+    parser["bundle_root"] = str(BUNDLE)
+    torch.manual_seed(0)
+    if ckpts != ["random"]:
+        parser["ckpt_path"] = str(Path(ckpts[0]).resolve())
+        parser["ensemble_ckpts"] = [str(Path(p).resolve()) for p in ckpts[1:]]
+    for key, value in options.items():
+        parser[key] = value
+    net = parser.get_parsed_content("network")
+    if ckpts != ["random"]:
+        net.load_state_dict(fitting_state_dict(net, ckpts[0], "checkpoint", "a covid_ct_seg model.pt"), strict=True)
+    net.eval()
+    return parser.get_parsed_content("infer#segmenter")
+
+
+def measure(name: str, segmenter: Any, data: Path, repeat: int) -> dict[str, Any]:
+    from medpipe.evaluation.real_dicom import read_slice_labels, slice_label_figures
+    from medpipe.io import ct
+
+    row: dict[str, Any] = {"model": name}
+    ctmd = data / "covid_ct_md"
+    volume = ct.load_volume(ctmd / "P002")
+    mask = segmenter.segment(volume, "P002")
+    labels = read_slice_labels(ctmd / "slice_labels.csv")
+    row["covid_ct_md_P002"] = slice_label_figures(mask, volume.affine, volume.source_files, labels)
+    times = {}
+    for key, series in (("rider", data / "dicom" / "rider_pilot_chest_ct_0117"), ("P002", ctmd / "P002")):
+        seconds = []
+        for _ in range(repeat):
+            with tempfile.TemporaryDirectory() as tmp:
+                started = time.perf_counter()
+                report = segmenter(series, Path(tmp) / "out")  # load, segment, NIfTI + DICOM-SEG + report.json
+                seconds.append(time.perf_counter() - started)
+                written = sorted(p.name for p in (Path(tmp) / "out").iterdir())
+        entry = report["volumes"][0]
+        times[key] = {"seconds_median": round(statistics.median(seconds), 2), "files": written,
+                      "lung_ml": entry["lung_volume_ml"], "infection_ml": entry["infection_volume_ml"],
+                      "warnings": entry.get("warnings", [])}  # fmt: skip
+    row["rider_infection_ml"] = times["rider"]["infection_ml"]
+    row["volumetric_inference"] = times
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", required=True, help="NAME=NETWORK:CKPT[,CKPT…] (repeatable)")
+    parser.add_argument("--option", action="append", default=[], help="KEY=JSON bundle key for every model")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs of the whole inference per series")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args()
+    options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
+    data = Path(os.environ.get("MEDPIPE_DATA", REPO.parent / "shared" / "data"))
+    threads = torch.get_num_threads()
+    rows = []
+    for spec in args.model:
+        name, _, rest = spec.partition("=")
+        network, _, ckpts = rest.partition(":")
+        row = measure(name, build_segmenter(network, ckpts.split(","), options), data, args.repeat)
+        rows.append({**row, "network": network, "checkpoints": ckpts.split(","), "threads": threads})
+        p002, vol = row["covid_ct_md_P002"], row["volumetric_inference"]
+        print(f"{name:>14}: P002 slice AUC {p002['slice_auc']:.3f}, infection on label-negative slices "
+              f"{p002['infection_ml_label_negative']:.1f} mL (positive {p002['infection_ml_label_positive']:.1f} mL); "
+              f"RIDER infection {row['rider_infection_ml']:.1f} mL; whole inference RIDER "
+              f"{vol['rider']['seconds_median']:.2f} s, P002 {vol['P002']['seconds_median']:.2f} s "
+              f"({threads} threads)", flush=True)  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
