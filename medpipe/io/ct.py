@@ -172,8 +172,8 @@ def _resize(planes: np.ndarray, size: tuple[int, int], mode: str, numpy: bool = 
 def first_argmax(probs: Any) -> np.ndarray:
     """uint8 argmax over the class axis of (C, H, W) scores, the first class winning ties (as np.argmax).
 
-    Class by class comparisons: with few classes this is ~10x faster than numpy's or torch's argmax over a leading
-    axis, which walk the array with a stride of H * W."""
+    Class by class comparisons: on (3, 512, 512) about 1.7x faster than numpy's argmax over the leading axis and 7x
+    faster than torch's, which walk the array with a stride of H * W."""
     import torch
 
     scores = torch.as_tensor(probs)
