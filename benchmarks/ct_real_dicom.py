@@ -30,27 +30,22 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "covid_ct_seg"
 
 
-def build_segmenter(network: str, ckpts: list[str], options: dict[str, Any]) -> Any:
-    """The bundle's `infer#segmenter` for `network` with the first checkpoint loaded and the rest as its ensemble."""
-    from monai.bundle import ConfigParser
+def build_segmenter(network: str, ckpts: list[str], options: dict[str, Any], scratch: Path) -> Any:
+    """The bundle's `infer#segmenter` as `medpipe serve` builds it (medpipe.serve.models.CTSegmentationModel): the
+    first checkpoint loaded, the rest as its ensemble. `random`: seeded initial weights saved into `scratch`."""
+    from medpipe.serve.models import CTSegmentationModel
+    from medpipe.serve.routing import Route
 
-    from medpipe.bundle.config import config_files
-    from medpipe.nets.pretrained import fitting_state_dict
+    if ckpts == ["random"]:
+        from medpipe.export.exporters import bundle_network
 
-    parser = ConfigParser()
-    parser.read_config(config_files(BUNDLE, "inference", None if network == "default" else network))
-    parser["bundle_root"] = str(BUNDLE)
-    torch.manual_seed(0)
-    if ckpts != ["random"]:
-        parser["ckpt_path"] = str(Path(ckpts[0]).resolve())
-        parser["ensemble_ckpts"] = [str(Path(p).resolve()) for p in ckpts[1:]]
-    for key, value in options.items():
-        parser[key] = value
-    net = parser.get_parsed_content("network")
-    if ckpts != ["random"]:
-        net.load_state_dict(fitting_state_dict(net, ckpts[0], "checkpoint", "a covid_ct_seg model.pt"), strict=True)
-    net.eval()
-    return parser.get_parsed_content("infer#segmenter")
+        torch.manual_seed(0)
+        ckpts = [str(scratch / f"{network}_random.pt")]
+        torch.save(bundle_network(BUNDLE, None if network == "default" else network).net.state_dict(), ckpts[0])
+    route = Route(name="ct", bundle=BUNDLE, task="ct_segmentation", modality=("CT",),
+                  checkpoints=tuple(Path(c).resolve() for c in ckpts),
+                  network=None if network == "default" else network, options=options)  # fmt: skip
+    return CTSegmentationModel(route).segmenter
 
 
 def measure(name: str, segmenter: Any, data: Path, repeat: int) -> dict[str, Any]:
@@ -92,10 +87,11 @@ def main() -> None:
     data = Path(os.environ.get("MEDPIPE_DATA", REPO.parent / "shared" / "data"))
     threads = torch.get_num_threads()
     rows = []
+    scratch = Path(tempfile.mkdtemp(prefix="ct-real-dicom-"))
     for spec in args.model:
         name, _, rest = spec.partition("=")
         network, _, ckpts = rest.partition(":")
-        row = measure(name, build_segmenter(network, ckpts.split(","), options), data, args.repeat)
+        row = measure(name, build_segmenter(network, ckpts.split(","), options, scratch), data, args.repeat)
         rows.append({**row, "network": network, "checkpoints": ckpts.split(","), "threads": threads})
         p002, vol = row["covid_ct_md_P002"], row["volumetric_inference"]
         print(f"{name:>14}: P002 slice AUC {p002['slice_auc']:.3f}, infection on label-negative slices "

@@ -16,6 +16,7 @@ import numpy as np
 
 from medpipe.errors import MedpipeError
 from medpipe.evaluation.metrics import roc_auc
+from medpipe.io import ct
 
 INFECTION = 2
 
@@ -38,8 +39,7 @@ def read_slice_labels(path: str | Path) -> dict[str, int]:
 
 def per_slice_ml(mask: np.ndarray, affine: np.ndarray, label: int = INFECTION) -> np.ndarray:
     """mL of `label` in each slice k of a (i, j, k) mask."""
-    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
-    return (np.asarray(mask) == label).sum(axis=(0, 1)) * voxel_ml
+    return (np.asarray(mask) == label).sum(axis=(0, 1)) * ct.voxel_ml(affine)
 
 
 def slice_label_figures(

@@ -108,14 +108,16 @@ class MemberSpreadColumn:
         if logits is None or len(logits) < 2 or logits.shape[1] != n:
             self.spreads += [None] * n
             return
-        z = np.asarray(logits.cpu().numpy(), dtype=float)
-        if z.shape[2] == 1 or getattr(self.source, "activation", "softmax") == "sigmoid":
-            members = [np.concatenate([1 / (1 + np.exp(m)), 1 / (1 + np.exp(-m))], axis=1) if m.shape[1] == 1
-                       else 1 / (1 + np.exp(-m)) for m in z]  # fmt: skip
+        import torch  # here, not at import: the CSV-only callers of this module need no torch
+
+        z = logits.detach().double().cpu()
+        if z.shape[2] == 1:  # one sigmoid output per case: P(class 1)
+            members = torch.sigmoid(z[:, :, 0]).numpy()
+        elif getattr(self.source, "activation", "softmax") == "sigmoid":
+            members = torch.sigmoid(z).numpy()
         else:
-            members = [np.exp(m - m.max(axis=1, keepdims=True)) for m in z]
-        members = [m / m.sum(axis=1, keepdims=True) for m in members]
-        self.spreads += [float(v) for v in member_spread(members)]
+            members = torch.softmax(z, dim=2).numpy()
+        self.spreads += [float(v) for v in member_spread(list(members))]
 
     def cells(self, path: str, probs: Sequence[float] | np.ndarray) -> list[str]:
         index, self._next = self._next, self._next + 1  # cells come in the order the cases were scored

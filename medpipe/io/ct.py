@@ -154,9 +154,8 @@ def _size2d(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return height, width
 
 
-def _resize(planes: np.ndarray, size: tuple[int, int], mode: str, numpy: bool = True) -> Any:
-    """Resize (C, H, W) planes with torch: "bilinear" (antialiased when shrinking) or "nearest-exact".
-    A numpy array, or with numpy=False the torch tensor (no copy back for callers that go on in torch)."""
+def _resize(planes: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """Resize (C, H, W) planes with torch: "bilinear" (antialiased when shrinking) or "nearest-exact"."""
     import torch  # imported here so DICOM/NIfTI work does not pay for torch
     import torch.nn.functional as F  # noqa: N812
 
@@ -166,7 +165,7 @@ def _resize(planes: np.ndarray, size: tuple[int, int], mode: str, numpy: bool = 
         out = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=shrink)
     else:
         out = F.interpolate(tensor, size=size, mode=mode)
-    return out[0].numpy() if numpy else out[0]
+    return out[0].numpy()
 
 
 def first_argmax(probs: Any) -> np.ndarray:
@@ -195,22 +194,27 @@ def _to_labels(prediction: np.ndarray, native: tuple[int, int], threshold: float
             labels = _resize(labels[None], native, "nearest-exact")[0].astype(np.uint8)
         return labels
     if prediction.ndim == 3:
-        probs = prediction if prediction.shape[1:] == native else _resize(prediction, native, "bilinear", numpy=False)
+        probs = prediction if prediction.shape[1:] == native else _resize(prediction, native, "bilinear")
         if probs.shape[0] == 1:
-            return (np.asarray(probs[0]) > threshold).astype(np.uint8)
+            return (probs[0] > threshold).astype(np.uint8)
         return first_argmax(probs)
     raise MedpipeError(f"reassemble: a slice prediction must be (H, W) or (C, H, W), got shape {prediction.shape}")
 
 
+def voxel_ml(affine: np.ndarray) -> float:
+    """The volume of one voxel in mL, from the affine's voxel size (mm³ / 1000)."""
+    return abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+
+
 def label_volumes_ml(mask: np.ndarray, affine: np.ndarray, labels: Iterable[int] | None = None) -> dict[int, float]:
     """Volume in mL of each label > 0 (or of each of `labels`, 0.0 when absent), from the affine's voxel size."""
-    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0  # mm³ → mL
+    voxel = voxel_ml(affine)
     values = np.asarray(mask)
     if values.size and values.min() < 0:
         raise MedpipeError("label_volumes_ml: labels must be >= 0")
     counts = np.bincount(values.ravel().astype(np.int64))
     wanted = list(labels) if labels is not None else [i for i in range(1, len(counts)) if counts[i]]
-    return {int(i): float(counts[i] * voxel_ml) if i < len(counts) else 0.0 for i in wanted}
+    return {int(i): float(counts[i] * voxel) if i < len(counts) else 0.0 for i in wanted}
 
 
 def write_mask_nifti(mask: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
