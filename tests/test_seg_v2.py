@@ -177,7 +177,7 @@ def test_slice_labels_file_is_checked(tmp_path: Path) -> None:
         read_slice_labels(bad)
 
 
-@pytest.mark.parametrize("network,context", [("unet5_25d", 3), ("unet", 1)])
+@pytest.mark.parametrize("network,context", [("unet5_25d", 3), ("unet5_25d_da", 3), ("unet", 1)])
 def test_recipe_overlays_train_evaluate_and_infer_with_calibration(tmp_path: Path, network: str, context: int) -> None:
     """The v2 (2.5-D, patches) and v1 (`unet`) recipes through the bundle on real slices; metrics.json carries
     pixel calibration."""

@@ -20,6 +20,7 @@ VERBS: dict[str, str] = {
     "cv_report": "medpipe.cli.commands:cv_report_command",
     "cv_rescore": "medpipe.cli.commands:cv_rescore_command",
     "cv_ensemble": "medpipe.cli.commands:cv_ensemble_command",
+    "cv_postprocessing": "medpipe.cli.commands:cv_postprocessing_command",
     "demo": "medpipe.cli.commands:demo_command",
     "verify": "medpipe.cli.commands:verify_command",
     "ingest": "medpipe.cli.commands:ingest_command",

@@ -120,6 +120,29 @@ def cv_ensemble_command(*runs: str, out: str) -> None:
     ensemble_cv(list(runs), out)
 
 
+def cv_postprocessing_command(run: str, fractions: Any = None) -> None:
+    """medpipe cv_postprocessing RUN_DIR [--fractions 0.0005,0.001] — choose segmentation post-processing by CV.
+
+    RUN_DIR holds raw out-of-fold label maps:
+    `medpipe cv_rescore CV_RUN --out RUN_DIR --save_predictions true --min_infection_fraction 0`.
+    Scores each candidate (infection components under a fraction of the slice area become lung) as evaluation
+    does, keeps the best only if it beats none, writes `<RUN_DIR>/postprocessing.json` and prints the table; use
+    the chosen value as `--min_infection_fraction` (covid_ct_seg).
+    """
+    from medpipe.evaluation.postprocessing_choice import CANDIDATES, choose_postprocessing
+
+    grid = CANDIDATES
+    if fractions is not None:
+        grid = tuple(fractions) if isinstance(fractions, (list, tuple)) else tuple(str(fractions).split(","))
+    result = choose_postprocessing(run, grid)
+    print(f"{'min_infection_fraction':>24} {'Dice lung':>10} {'Dice infection':>15} {'HD95 infection':>15}")
+    for row in result["candidates"]:
+        cells = [row[k]["value"] for k in ("dice_lung", "dice_infection", "hd95_infection")]
+        print(f"{row['min_infection_fraction']:>24g} {cells[0]:>10.4f} {cells[1]:>15.4f} {cells[2]:>15.2f}")
+    chosen = result["chosen"]["min_infection_fraction"]
+    print(f"chosen: --min_infection_fraction {chosen:g} -> {Path(run) / 'postprocessing.json'}")
+
+
 def verify_command(bundle: str) -> None:
     """medpipe verify BUNDLE — schema and network input/output checks, offline."""
     from medpipe.bundle.verify import verify_bundle

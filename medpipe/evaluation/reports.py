@@ -29,16 +29,18 @@ FILES_SHA256 = "files_sha256"  # metrics.json key: {data file name: sha256} of t
 
 
 def write_report_files(
-    output_dir: str | Path, data_files: Mapping[str, str], metrics: Mapping[str, Any] | None = None
+    output_dir: str | Path, data_files: Mapping[str, str], metrics: Mapping[str, Any] | None = None,
+    written: Sequence[str] = (),
 ) -> None:
-    """Write `data_files` ({name: text}) into `output_dir`, then `metrics` as metrics.json, last, with their sha256.
+    """Write `data_files` ({name: text}) into `output_dir`, then `metrics` as metrics.json, last, with their sha256
+    (and that of the `written` files already there, e.g. binary ones).
 
     Each file is atomic; writing metrics.json last and stamping it makes the pair checkable (check_report_files)."""
     output_dir = Path(output_dir)
     for name, text in data_files.items():
         atomic_write_text(output_dir / name, text)
     if metrics is not None:
-        stamp = {name: sha256_file(output_dir / name) for name in data_files}
+        stamp = {name: sha256_file(output_dir / name) for name in [*data_files, *written]}
         atomic_write_text(output_dir / "metrics.json", json.dumps({**metrics, FILES_SHA256: stamp}, indent=2))
 
 

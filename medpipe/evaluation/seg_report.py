@@ -16,13 +16,13 @@ from ignite.engine import Engine
 
 from medpipe.errors import MedpipeError
 from medpipe.evaluation.reports import EpochCollector, write_report_files
+from medpipe.files import atomic_write
+from medpipe.values import flag
 
 logger = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------------- loading
-
-
+PREDICTIONS = "predictions.npz"
 
 
 def slice_statistics(
@@ -88,13 +88,16 @@ class SegmentationReport(EpochCollector):
     by `group_key` (volume_group). When the output also holds the class probabilities (`prob_key`, (C, H, W) on
     the label grid), metrics.json gets pixel-level calibration figures from `pixels_per_slice` seeded random pixels
     of every slice (medpipe.evaluation.metrics: ECE, Brier score, reliability bins; all classes and infection-vs-rest).
+    With `save_predictions`, the predicted label maps go to predictions.npz (`paths`, then `pred<i>` uint8 per slice,
+    in that order): out-of-fold masks that post-processing can be chosen on (medpipe.evaluation.postprocessing_choice).
     """
 
     def __init__(
         self, output_dir: str, structures: Mapping[str, Sequence[int]], group_key: str = "volume_group",
-        prob_key: str = "prob", pixels_per_slice: int = 2048, **common: Any,
+        prob_key: str = "prob", pixels_per_slice: int = 2048, save_predictions: Any = False, **common: Any,
     ) -> None:  # fmt: skip
         super().__init__(output_dir, **common)
+        self.save_predictions = flag(save_predictions)
         self.structures = {k: list(v) for k, v in structures.items()}
         self.group_key, self.prob_key, self.pixels_per_slice = group_key, prob_key, pixels_per_slice
         self.records: list[dict[str, Any]] = []  # one per slice: path, group and slice_statistics
@@ -105,6 +108,8 @@ class SegmentationReport(EpochCollector):
         stats = slice_statistics(pred.astype(np.int64), true.astype(np.int64), self.structures)
         group = item.get(self.group_key, item[self.path_key])
         record = {"path": str(item[self.path_key]), "group": str(group), **stats}
+        if self.save_predictions:
+            record["_pred"] = pred.astype(np.uint8)
         if out.get(self.prob_key) is not None:
             probs = torch.as_tensor(out[self.prob_key]).detach().float().cpu().numpy()
             probs = probs.reshape(probs.shape[0], -1)
@@ -117,6 +122,7 @@ class SegmentationReport(EpochCollector):
         from medpipe.evaluation.metrics import segmentation_report
 
         samples = [r.pop("_calibration") for r in self.records if "_calibration" in r]
+        masks = [r.pop("_pred") for r in self.records if "_pred" in r]
         report, slice_rows, volume_rows = segmentation_report(
             self.records, list(self.structures), self.n_boot, self.seed
         )
@@ -130,10 +136,30 @@ class SegmentationReport(EpochCollector):
         if samples:
             report["calibration"] = pixel_calibration(samples, self.structures, self.pixels_per_slice)
         files = {"per_slice.csv": _rows_csv(slice_rows), "per_volume.csv": _rows_csv(volume_rows)}
-        write_report_files(self.output_dir, files, report)
+        written = []
+        if masks:
+            arrays = {f"pred{i}": m for i, m in enumerate(masks)}
+            paths = np.array([r["path"] for r in self.records])
+            atomic_write(self.output_dir / PREDICTIONS, lambda tmp: _savez(tmp, paths=paths, **arrays))
+            written.append(PREDICTIONS)
+        write_report_files(self.output_dir, files, report, written)
         per_volume = report["metrics"]["per_volume"]
         summary = ", ".join(f"{k} {v['value']}" for k, v in per_volume.items())
         logger.info(f"{report['n']} slices / {report['n_volumes']} volumes: {summary} -> {self.output_dir}")
+
+
+def _savez(target: Path, **arrays: np.ndarray) -> None:
+    with target.open("wb") as fh:  # a file object: np.savez would append .npz to the temporary name
+        np.savez_compressed(fh, **arrays)
+
+
+def read_predictions(folder: str | Path) -> dict[str, np.ndarray]:
+    """{image path: predicted label map} from a folder's predictions.npz (evaluate with --save_predictions true)."""
+    path = Path(folder) / PREDICTIONS
+    if not path.is_file():
+        raise MedpipeError(f"'{path}' not found: score the fold with --save_predictions true (e.g. medpipe cv_rescore)")
+    with np.load(path, allow_pickle=False) as data:
+        return {str(p): data[f"pred{i}"] for i, p in enumerate(data["paths"])}
 
 
 def summarize_cv(fold_dirs: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:

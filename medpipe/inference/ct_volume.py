@@ -1,8 +1,9 @@
 """Run a 2-D slice segmentation model on whole CT volumes: DICOM series or NIfTI in, 3-D masks and a report out.
 
-Each axial slice goes through the intensity pipeline the COVID CT training slices went through (HU window →
-[0, 1] → 256² → 8-bit → CLAHE), is predicted at the model's size, and the class probabilities are resized back to
-the native grid (medpipe.io.ct.reassemble). Outputs per volume: `<name>_seg.nii.gz` (the label map),
+Each axial slice goes through the intensity pipeline the COVID CT training slices went through (HU min-max per
+slice, or an HU window → [0, 1] → 256² → 8-bit → CLAHE), is predicted at the model's size, and the class
+probabilities are resized back to the native grid (medpipe.io.ct.reassemble), then post-processed (lung
+components; small infection components → lung). Outputs per volume: `<name>_seg.nii.gz` (the label map),
 `<name>_lung.nii.gz` and `<name>_infection.nii.gz` (binary), `<name>_seg.dcm` (DICOM-SEG, DICOM input only), and
 one `report.json` for all inputs with lung and infection volumes in mL.
 
@@ -32,6 +33,7 @@ from medpipe.inference.input_guard import OK
 from medpipe.io import ct, dicom_seg
 from medpipe.io.dicom import Volume
 from medpipe.transforms.seg import clahe
+from medpipe.transforms.seg_postprocessing import check_fraction, relabel_small_components
 from medpipe.transforms.slice_context import check_context_slices, stack_context
 
 logger = logging.getLogger(__name__)
@@ -60,11 +62,31 @@ def check_axial_ct(volume: Volume, name: str) -> None:
         raise MedpipeError(f"{name}: lowest value {low:g} > {MAX_MIN_HU:g}; not CT in Hounsfield units (air ≈ -1000)")
 
 
+# HU -> [0, 1] without a window: min-max over each slice or over the volume, as the development PNGs were made
+# (covid_ct_seg README: "min-max normalised and CLAHE-enhanced"); values below air (the -2048 / -3024 padding
+# outside the field of view) count as air, so padding does not set the minimum
+MINMAX_MODES = ("minmax_slice", "minmax_volume")
+AIR_HU = -1024.0
+
+
+def hu_to_unit_slices(volume: Volume, window: str | tuple[float, float], slice_size: int) -> np.ndarray:
+    """(N, slice_size, slice_size) axial display slices in [0, 1]: an HU window, or a min-max mode."""
+    if not (isinstance(window, str) and window in MINMAX_MODES):
+        return ct.display_slices(ct.window(volume.array, window), volume.affine, size=slice_size)
+    hu = np.maximum(np.asarray(volume.array, dtype=np.float32), np.float32(AIR_HU))
+    if window == "minmax_volume":
+        low, high = float(hu.min()), float(hu.max())
+        return ct.display_slices((hu - low) / max(high - low, 1e-6), volume.affine, size=slice_size)
+    planes = ct.display_slices(hu, volume.affine, size=slice_size)
+    low, high = planes.min(axis=(1, 2), keepdims=True), planes.max(axis=(1, 2), keepdims=True)
+    return ((planes - low) / np.maximum(high - low, 1e-6)).astype(np.float32)
+
+
 def ct_to_model_slices(
     volume: Volume, window: str | tuple[float, float] = "lung", slice_size: int = 256, clip_limit: float = 7.0
 ) -> np.ndarray:
     """(N, slice_size, slice_size) float32 slices in [0, 1], intensity-matched to the CLAHE PNG training slices."""
-    planes = ct.display_slices(ct.window(volume.array, window), volume.affine, size=slice_size)
+    planes = hu_to_unit_slices(volume, window, slice_size)
     enhanced = clahe(np.clip(np.rint(planes * 255.0), 0, 255).astype(np.uint8), clip_limit=clip_limit)
     out = enhanced.astype(np.float32)
     # the training loader min-max scales each PNG (medpipe.imageio); do the same so 0/255 map identically
@@ -143,7 +165,9 @@ class VolumeSegmenter:
     """Segment lungs and infection in CT volumes with a trained 2-D network; write masks and a JSON report.
 
     Labels: 0 background, 1 lung without infection, 2 infection; the lung mask is label >= 1. With
-    `keep_components` > 0, lung labels outside the largest chest components are dropped (keep_lung_components).
+    `keep_components` > 0, lung labels outside the largest chest components are dropped (keep_lung_components);
+    with `min_infection_fraction` > 0, smaller infection components of each axial slice become lung (the CV-chosen
+    post-processing, medpipe.transforms.seg_postprocessing).
     """
 
     def __init__(
@@ -161,14 +185,18 @@ class VolumeSegmenter:
         info: dict[str, Any] | None = None,
         input_guard: Any = None,
         context_slices: int = 1,
+        min_infection_fraction: float = 0.0,
     ) -> None:
         self.network, self.image_size, self.inferer = network, image_size, inferer
         self.window = window if isinstance(window, str) else (float(window[0]), float(window[1]))
+        if not (isinstance(self.window, str) and self.window in MINMAX_MODES):
+            ct.window(np.zeros(1, np.float32), self.window)  # an unknown name fails here, in one line, not mid-run
         self.slice_size, self.clip_limit, self.batch_size = slice_size, clip_limit, batch_size
         self.label_names = dict(label_names or {1: "lung (not infected)", 2: "COVID-19 infection"})
         self.write_dicom_seg, self.keep_components, self.info = write_dicom_seg, keep_components, info or {}
         self.input_guard = input_guard  # an InputGuard('ct'): flags volumes that do not look like chest CT
         self.context_slices = check_context_slices(context_slices)  # 2.5-D: neighbours as channels
+        self.min_infection_fraction = check_fraction(min_infection_fraction)
 
     def segment(self, volume: Volume, name: str = "volume") -> np.ndarray:
         """uint8 label mask on the volume's own grid."""
@@ -178,7 +206,8 @@ class VolumeSegmenter:
             slices, self.network, self.inferer, self.image_size, self.batch_size, self.context_slices
         )
         mask = ct.reassemble(list(probs), volume.array.shape, volume.affine)
-        return keep_lung_components(mask, self.keep_components) if self.keep_components else mask
+        mask = keep_lung_components(mask, self.keep_components) if self.keep_components else mask
+        return relabel_small_components(mask, self.min_infection_fraction, axis=ct.axial_axis(volume.affine))
 
     def volume_report(self, mask: np.ndarray, volume: Volume) -> dict[str, Any]:
         """Lung (label >= 1) and infection (label 2) volumes in mL and the percent of lung involved."""
@@ -220,7 +249,8 @@ class VolumeSegmenter:
             files[key] = _write(target.name, partial(ct.write_mask_nifti, values, volume.affine, target))
         warnings = []
         if self.input_guard is not None:  # the middle axial slice in the lung window, as the guard was measured
-            planes = list(ct.iter_slices(ct.window(volume.array, self.window), volume.affine, size=self.slice_size))
+            window = "lung" if self.window in MINMAX_MODES else self.window
+            planes = list(ct.iter_slices(ct.window(volume.array, window), volume.affine, size=self.slice_size))
             _, guard = self.input_guard.check_image(planes[len(planes) // 2], str(path))
             if guard != OK:
                 warnings.append(guard)
@@ -247,23 +277,29 @@ class VolumeSegmenter:
         logger.info(f"{path}: lung {entry['lung_volume_ml']} mL, infection {entry['infection_volume_ml']} mL")
         return entry
 
+    def _postprocessing_steps(self) -> list[str]:
+        steps = []
+        if self.keep_components:
+            steps.append(f"lung labels kept in the {self.keep_components} largest 3-D components off the image edge")
+        if self.min_infection_fraction:
+            fraction = self.min_infection_fraction
+            steps.append(f"infection components under {fraction:g} of an axial slice's area relabelled lung")
+        return steps
+
     def _report(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
         """report.json: run info, labels, the preprocessing in words, and one entry per volume."""
         return {
             **self.info,
             "labels": {"0": "background", **{str(k): v for k, v in self.label_names.items()}},
             "preprocessing": (
-                f"HU window {self.window} -> [0, 1] -> {self.slice_size}x{self.slice_size} axial slices -> 8-bit -> "
+                (f"HU {self.window} (below {AIR_HU:g} as {AIR_HU:g})" if self.window in MINMAX_MODES
+                 else f"HU window {self.window}")  # fmt: skip
+                + f" -> [0, 1] -> {self.slice_size}x{self.slice_size} axial slices -> 8-bit -> "
                 f"CLAHE (clip {self.clip_limit}, 8x8 tiles) -> model at {self.image_size}x{self.image_size}"
                 + (f" with {self.context_slices} neighbouring slices as channels" if self.context_slices > 1 else "")
                 + "; "
                 "probabilities resized back to the native grid, argmax; "
-                + (
-                    f"lung labels kept only in the {self.keep_components} largest 3-D components not touching the "
-                    "image edge"
-                    if self.keep_components
-                    else "no post-processing"
-                )
+                + "; ".join(self._postprocessing_steps() or ["no post-processing"])
             ),
             "volumes": entries,
         }

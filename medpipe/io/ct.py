@@ -134,6 +134,12 @@ def reassemble(
     return stack_slices(planes, shape, affine)
 
 
+def axial_axis(affine: np.ndarray) -> int:
+    """The array axis of a 3-D volume that runs inferior-superior (its axial slices are taken along it)."""
+    transform = _display_transform(affine, 3)
+    return int(next(axis for axis, (to_axis, _) in enumerate(transform) if int(to_axis) == 2))
+
+
 def _display_transform(affine: np.ndarray, ndim: int) -> np.ndarray:
     if ndim != 3 or np.asarray(affine).shape != (4, 4):
         raise MedpipeError(f"expected a 3-D volume and a 4x4 affine, got {ndim}-D and {np.asarray(affine).shape}")
