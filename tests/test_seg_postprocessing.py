@@ -201,8 +201,10 @@ def test_minmax_modes_treat_padding_as_air_and_scale_per_slice_or_volume() -> No
 
 
 def test_segmenter_refuses_an_unknown_mapping_and_reports_its_steps() -> None:
-    with pytest.raises(MedpipeError, match="window 'bone'"):
+    with pytest.raises(MedpipeError, match="window 'bone': use one of lung, mediastinum, minmax_slice, minmax_volume"):
         VolumeSegmenter(torch.nn.Identity(), 256, window="bone")
+    with pytest.raises(MedpipeError, match="width"):
+        VolumeSegmenter(torch.nn.Identity(), 256, window=(40, 0))
     segmenter = VolumeSegmenter(torch.nn.Identity(), 256, window="minmax_slice", min_infection_fraction=5e-4)
     text = segmenter._report([])["preprocessing"]
     assert text.startswith("HU minmax_slice (below -1024 as -1024)") and "under 0.0005 of an axial slice" in text

@@ -189,8 +189,11 @@ class VolumeSegmenter:
     ) -> None:
         self.network, self.image_size, self.inferer = network, image_size, inferer
         self.window = window if isinstance(window, str) else (float(window[0]), float(window[1]))
-        if not (isinstance(self.window, str) and self.window in MINMAX_MODES):
-            ct.window(np.zeros(1, np.float32), self.window)  # an unknown name fails here, in one line, not mid-run
+        if isinstance(self.window, str) and self.window not in (*MINMAX_MODES, *ct.WINDOWS):
+            raise MedpipeError(f"window {self.window!r}: use one of {', '.join((*ct.WINDOWS, *MINMAX_MODES))} or a "
+                               "[level, width] pair")  # fmt: skip
+        if not isinstance(self.window, str):
+            ct.window(np.zeros(1, np.float32), self.window)  # a bad width fails here, in one line, not mid-run
         self.slice_size, self.clip_limit, self.batch_size = slice_size, clip_limit, batch_size
         self.label_names = dict(label_names or {1: "lung (not infected)", 2: "COVID-19 infection"})
         self.write_dicom_seg, self.keep_components, self.info = write_dicom_seg, keep_components, info or {}
