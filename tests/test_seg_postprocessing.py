@@ -125,12 +125,14 @@ def _fake_cv(tmp_path: Path, spurious: bool) -> Path:
     `spurious`, also a true 4-px lesion); predictions are exact plus, when `spurious`, a false 4-px blob."""
     data, run = tmp_path / "data", tmp_path / "run"
     (data / "labels").mkdir(parents=True)
+    (data / "images").mkdir()
     entries = []
     for i in range(4):
         label = _slice()
         if spurious:
             label[40:42, 40:42] = 1
         Image.fromarray(label).save(data / "labels" / f"s{i}.png")
+        Image.fromarray(label * 100).save(data / "images" / f"s{i}.png")
         entries.append({"image": f"images/s{i}.png", "label": f"labels/s{i}.png", "volume_group": f"v{i % 2}"})
     (data / "datalist.json").write_text(json.dumps({"training": entries}))
     for fold in range(2):

@@ -9,7 +9,6 @@ mean per-volume infection Dice (the smaller fraction on a tie), and keep it only
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from medpipe.data.datalists import read_seg_datalist
 from medpipe.errors import MedpipeError
 from medpipe.evaluation.metrics import segmentation_report
 from medpipe.evaluation.reports import FILES_SHA256, check_report_files
@@ -42,33 +42,29 @@ def _fold_slices(fold_dir: Path) -> tuple[dict[str, Any], list[tuple[str, str, n
     if PREDICTIONS not in (metrics.get(FILES_SHA256) or {}):  # left by an earlier scoring of this folder
         raise MedpipeError(f"'{fold_dir / PREDICTIONS}' is not from the scoring that wrote its metrics.json: rescore "
                            "with --save_predictions true --min_infection_fraction 0")  # fmt: skip
-    with (fold_dir / "per_slice.csv").open(newline="") as fh:
-        groups = {row["path"]: row["volume_group"] for row in csv.DictReader(fh)}
-    dataset_dir = Path(metrics.get("dataset_dir") or "")
-    datalist_file = dataset_dir / "datalist.json"
-    if not datalist_file.is_file():
-        raise MedpipeError(f"'{datalist_file}' not found: the labels of {fold_dir} must be where it was evaluated")
-    datalist = json.loads(datalist_file.read_text())
-    label_of = {e["image"]: e["label"] for key in ("training", "test") for e in datalist.get(key) or []}
+    dataset_dir = metrics.get("dataset_dir") or ""
+    # the same reader evaluation used: labels resolved against the folder, `group` = the volume
+    items = {i["path"]: i for section in ("training", "testing") for i in read_seg_datalist(dataset_dir, section)}
     slices = []
     for path, pred in predictions.items():
-        if path not in label_of or path not in groups:
-            raise MedpipeError(f"{fold_dir}: '{path}' is not in {datalist_file} or per_slice.csv: rescore this fold")
-        true = load_label_2d(dataset_dir / label_of[path])
+        if path not in items or "label" not in items[path]:
+            raise MedpipeError(f"{fold_dir}: '{path}' has no label in {dataset_dir}/datalist.json: rescore this fold")
+        true = load_label_2d(items[path]["label"])
         if true.shape != pred.shape:
             raise MedpipeError(f"{fold_dir}: '{path}' prediction {pred.shape} is not on its label's grid {true.shape}")
-        slices.append((path, groups[path], pred, true))
+        slices.append((path, items[path]["group"], pred, true))
     return metrics, slices
 
 
 def _score(
-    slices: Sequence[tuple[str, str, np.ndarray, np.ndarray]], structures: dict[str, list[int]], fraction: float,
-    n_boot: int, seed: int,
+    slices: Sequence[tuple[str, str, np.ndarray, np.ndarray]], raw_stats: Sequence[dict[str, Any]],
+    structures: dict[str, list[int]], fraction: float, n_boot: int, seed: int,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     records = []
-    for path, group, pred, true in slices:
+    for (path, group, pred, true), raw in zip(slices, raw_stats, strict=True):
         fixed = relabel_small_components(pred, fraction)
-        stats = slice_statistics(fixed.astype(np.int64), true, structures)
+        # most slices keep their masks under small fractions: reuse their statistics (surface distances are costly)
+        stats = raw if np.array_equal(fixed, pred) else slice_statistics(fixed.astype(np.int64), true, structures)
         records.append({"path": path, "group": group, **stats})
     report, _, volume_rows = segmentation_report(records, list(structures), n_boot, seed)
     return report["metrics"]["per_volume"], volume_rows
@@ -92,8 +88,9 @@ def choose_postprocessing(
     if TARGET not in (structures or {}):
         raise MedpipeError(f"{run_dir} has no '{TARGET}' structure: post-processing is chosen on it")
     rows, per_volume = [], {}
+    raw_stats = [slice_statistics(pred.astype(np.int64), true, structures) for _, _, pred, true in slices]
     for fraction in grid:
-        metrics, volume_rows = _score(slices, structures, fraction, n_boot, seed)
+        metrics, volume_rows = _score(slices, raw_stats, structures, fraction, n_boot, seed)
         rows.append({"min_infection_fraction": fraction, **metrics})
         per_volume[str(fraction)] = {r["volume_group"]: round(r[f"dice_{TARGET}"], 4) for r in volume_rows}
     key = f"dice_{TARGET}"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import wasserstein_distance
 
-from medpipe.data.datalists import data_root
+from medpipe.data.datalists import data_root, read_seg_datalist
 from medpipe.files import atomic_write_text
 from medpipe.inference.ct_volume import ct_to_model_slices
 from medpipe.io import ct
@@ -36,11 +36,11 @@ def histogram(values: np.ndarray) -> np.ndarray:
 
 
 def development_histogram(root: Path) -> tuple[np.ndarray, int]:
-    datalist = json.loads((root / "covid_ct_seg" / "datalist.json").read_text())
+    items = read_seg_datalist(root / "covid_ct_seg")
     counts = np.zeros(len(CENTRES))
-    for entry in datalist["training"]:
-        counts += histogram(load_grey_2d(str(root / "covid_ct_seg" / entry["image"])))
-    return counts, len(datalist["training"])
+    for item in items:
+        counts += histogram(load_grey_2d(item["image"]))  # as the training loader reads it: grey, min-max [0, 1]
+    return counts, len(items)
 
 
 def main() -> None:
