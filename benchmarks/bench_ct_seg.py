@@ -46,9 +46,10 @@ def bundle_network(image_size: int, ckpt: str | None) -> torch.nn.Module:
 
 
 def bench_volume(series: Path, ckpt: str | None, image_size: int) -> None:
-    from medpipe.inference.ct_volume import check_axial_ct, ct_to_model_slices, predict_slices
+    from medpipe.inference.ct_volume import predict_slices
     from medpipe.inferers.autocast import AutocastInferer
     from medpipe.io import ct, dicom_seg
+    from medpipe.transforms.ct_intensity import check_axial_ct, ct_to_model_slices
 
     t_load, volume = timed(lambda: ct.load_volume(series))
     check_axial_ct(volume, str(series))

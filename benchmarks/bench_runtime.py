@@ -97,9 +97,10 @@ def bench_batch(title: str, nets: dict, batch: torch.Tensor, repeat: int, chunk:
 def bench_ct(series: Path, nets: dict, image_size: int, repeat: int, context: int = 1, name: str = "UNet") -> list:
     """The network alone on the prepared slices, then the whole pipeline after loading (the networks are warm by
     then: no warm-up run). context: the network's 2.5-D input slices."""
-    from medpipe.inference.ct_volume import VolumeSegmenter, ct_to_model_slices
+    from medpipe.inference.ct_volume import VolumeSegmenter
     from medpipe.inferers.autocast import AutocastInferer
     from medpipe.io import ct
+    from medpipe.transforms.ct_intensity import ct_to_model_slices
     from medpipe.transforms.slice_context import stack_context
 
     volume = ct.load_volume(series)

@@ -3,7 +3,9 @@ infection-free slices and scans, and the wall time of the whole volumetric infer
 
 Series (under MEDPIPE_DATA): `covid_ct_md/P002` (a COVID-19 patient, 133 JPEG-Lossless slices, per-slice infection
 labels: slice ROC-AUC of predicted infection mL, mL on the label-negative slices) and `dicom/rider_pilot_chest_ct_0117`
-(a pre-COVID scan, 95 slices: every mL of infection there is false). Neither was ever in covid_ct_seg's training data.
+(a pre-COVID scan, 95 slices: every mL of infection there is false). Neither is in covid_ct_seg's data set; a model
+trained with `infection_free` slices of one of them is not held out on it: the line and the JSON say so (`held_out`,
+from the checkpoints' trained_on.json), and only the other series measures that model.
 
 Each `--model NAME=NETWORK:CKPT[,CKPT…]` is built from the bundle's own configs (train.json, net_NETWORK.json,
 inference.json), so it runs exactly as `medpipe run covid_ct_seg inference` does; several checkpoints are averaged
@@ -48,7 +50,19 @@ def build_segmenter(network: str, ckpts: list[str], options: dict[str, Any], scr
     return CTSegmentationModel(route).segmenter
 
 
-def measure(name: str, segmenter: Any, data: Path, repeat: int) -> dict[str, Any]:
+def trained_files(ckpts: list[str]) -> set[str]:
+    """The images any of the checkpoints was trained on (their trained_on.json), resolved."""
+    from medpipe.training.checkpoints import trained_on_file
+
+    seen: set[str] = set()
+    for ckpt in ckpts:
+        record = trained_on_file(ckpt)
+        if ckpt != "random" and record.is_file():
+            seen |= set(json.loads(record.read_text()))
+    return seen
+
+
+def measure(name: str, segmenter: Any, data: Path, repeat: int, seen: set[str]) -> dict[str, Any]:
     from medpipe.evaluation.real_dicom import read_slice_labels, slice_label_figures
     from medpipe.io import ct
 
@@ -58,6 +72,10 @@ def measure(name: str, segmenter: Any, data: Path, repeat: int) -> dict[str, Any
     mask = segmenter.segment(volume, "P002")
     labels = read_slice_labels(ctmd / "slice_labels.csv")
     row["covid_ct_md_P002"] = slice_label_figures(mask, volume.affine, volume.source_files, labels)
+    row["held_out"] = {
+        key: not any(str(Path(f).resolve()) in seen for f in ct.load_volume(folder).source_files if f is not None)
+        for key, folder in (("P002", ctmd / "P002"), ("rider", data / "dicom" / "rider_pilot_chest_ct_0117"))
+    }
     times = {}
     for key, series in (("rider", data / "dicom" / "rider_pilot_chest_ct_0117"), ("P002", ctmd / "P002")):
         seconds = []
@@ -91,12 +109,15 @@ def main() -> None:
     for spec in args.model:
         name, _, rest = spec.partition("=")
         network, _, ckpts = rest.partition(":")
-        row = measure(name, build_segmenter(network, ckpts.split(","), options, scratch), data, args.repeat)
+        segmenter = build_segmenter(network, ckpts.split(","), options, scratch)
+        row = measure(name, segmenter, data, args.repeat, trained_files(ckpts.split(",")))
         rows.append({**row, "network": network, "checkpoints": ckpts.split(","), "threads": threads})
         p002, vol = row["covid_ct_md_P002"], row["volumetric_inference"]
+        seen = {k: "" if v else " (SEEN IN TRAINING, not held out)" for k, v in row["held_out"].items()}
         print(f"{name:>14}: P002 slice AUC {p002['slice_auc']:.3f}, infection on label-negative slices "
-              f"{p002['infection_ml_label_negative']:.1f} mL (positive {p002['infection_ml_label_positive']:.1f} mL); "
-              f"RIDER infection {row['rider_infection_ml']:.1f} mL; whole inference RIDER "
+              f"{p002['infection_ml_label_negative']:.1f} mL (positive {p002['infection_ml_label_positive']:.1f} mL)"
+              f"{seen['P002']}; RIDER infection {row['rider_infection_ml']:.1f} mL{seen['rider']}; "
+              f"whole inference RIDER "
               f"{vol['rider']['seconds_median']:.2f} s, P002 {vol['P002']['seconds_median']:.2f} s "
               f"({threads} threads)", flush=True)  # fmt: skip
     if args.json:

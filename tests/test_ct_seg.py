@@ -28,9 +28,10 @@ from medpipe.evaluation.metrics import (
     surface_distances,
 )
 from medpipe.evaluation.seg_report import slice_statistics
-from medpipe.inference.ct_volume import VolumeSegmenter, check_axial_ct, keep_lung_components
+from medpipe.inference.ct_volume import VolumeSegmenter, keep_lung_components
 from medpipe.io import ct
 from medpipe.io.dicom import Volume
+from medpipe.transforms.ct_intensity import check_axial_ct
 from medpipe.transforms.seg import LoadSegSliced, clahe
 
 BUNDLE = REPO / "bundles" / "covid_ct_seg"

@@ -382,3 +382,21 @@ def test_failing_writer_leaves_no_partial_set(
     with pytest.raises(MedpipeError, match=expected):
         tiny_segmenter()(tmp_path / "s", tmp_path / "out")
     assert everything(tmp_path / "out") == []
+
+
+def test_non_conformant_uids_are_read_with_one_warning_per_folder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """COVID-CT-MD's UUID-style UIDs: pydicom would warn once per file; the scan says it once for the folder."""
+    import warnings
+
+    from medpipe.io import dicom_scan
+
+    files = copy(sorted((real_dataset("covid_ct_md") / "P002").glob("*.dcm"))[:4], tmp_path / "s")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING", logger=dicom_scan.log.name):
+        warnings.simplefilter("always")
+        scan = dicom_scan.find_series(tmp_path / "s")
+    assert len(scan.series) == 1 and len(scan.series[0].files) == len(files)
+    assert not [w for w in caught if "VR UI" in str(w.message)]
+    lines = [r.getMessage() for r in caplog.records if "not DICOM-conformant" in r.getMessage()]
+    assert len(lines) == 1 and "4 file(s)" in lines[0]

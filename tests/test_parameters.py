@@ -26,6 +26,7 @@ BAD_VALUES = {
     "dir": ("/no/such/folder", "an existing folder"),
     "file": ("/no/such/file.pt", "an existing file"),
     "files": ("/no/such/a.pt,/no/such/b.pt", "existing files"),
+    "paths": ("/no/such/series,/no/such/labels.csv", "existing files or folders"),
 }
 
 
@@ -96,9 +97,9 @@ def test_channels_last_false_from_the_command_line_is_off(tmp_path: Path) -> Non
 def test_batch_dice_false_from_the_command_line_is_off(tmp_path: Path) -> None:
     bundle = REPO / "bundles" / "covid_ct_seg"
     workflow = _workflow(bundle, batch_dice="false", dataset_dir=str(tmp_path))
-    assert workflow.parser.get_parsed_content("loss").dice.batch is False
+    assert workflow.parser.get_parsed_content("loss").base.dice.batch is False
     workflow = _workflow(bundle, batch_dice="true", dataset_dir=str(tmp_path))
-    assert workflow.parser.get_parsed_content("loss").dice.batch is True
+    assert workflow.parser.get_parsed_content("loss").base.dice.batch is True
 
 
 def test_class_weighted_loss_false_is_off(tmp_path: Path) -> None:

@@ -20,9 +20,10 @@ from medpipe.errors import MedpipeError
 from medpipe.evaluation.postprocessing_choice import choose_postprocessing
 from medpipe.evaluation.reports import check_report_files
 from medpipe.evaluation.seg_report import SegmentationReport, read_predictions
-from medpipe.inference.ct_volume import AIR_HU, VolumeSegmenter, hu_to_unit_slices
+from medpipe.inference.ct_volume import VolumeSegmenter
 from medpipe.io import ct
 from medpipe.io.dicom import Volume
+from medpipe.transforms.ct_intensity import AIR_HU, hu_to_unit_slices
 from medpipe.transforms.seg_postprocessing import RelabelSmallComponentsd, relabel_small_components
 
 BUNDLE = REPO / "bundles" / "covid_ct_seg"

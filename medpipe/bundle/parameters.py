@@ -24,13 +24,14 @@ from medpipe.errors import MedpipeError
 from medpipe.values import flag
 
 SHARED_FILE = Path(__file__).with_name("configs") / "parameters.json"
-TYPES = ("bool", "int", "float", "str", "path", "dir", "file", "files")
+TYPES = ("bool", "int", "float", "str", "path", "dir", "file", "files", "paths")
 _NULL = ("none", "null", "")
 
 
 @dataclass(frozen=True)
 class Parameter:
-    """One declared parameter: `type` is one of TYPES; `dir`/`file`/`files` must exist when given."""
+    """One declared parameter: `type` is one of TYPES; `dir`/`file`/`files`/`paths` (files or folders) must exist
+    when given."""
 
     name: str
     type: str
@@ -43,8 +44,8 @@ class Parameter:
     def coerce(self, value: Any) -> Any:
         """The value as this parameter's type, or a MedpipeError saying what was expected."""
         if value is None or (isinstance(value, str) and value.strip().lower() in _NULL and self.type != "str"):
-            if self.nullable or self.type == "files":
-                return [] if self.type == "files" else None
+            if self.nullable or self.type in ("files", "paths"):
+                return [] if self.type in ("files", "paths") else None
             raise self._error(value, "a value (this parameter cannot be empty)")
         typed = _COERCE[self.type](self, value)
         if self.choices is not None and typed not in self.choices:
@@ -121,15 +122,21 @@ def _as_existing(kind: str):  # noqa: ANN202 - returns one of the coercers above
     return check
 
 
-def _as_files(p: Parameter, value: Any) -> list[str]:
-    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
-    if items is None:
-        raise p._error(value, "a list of files (or a comma-separated string)")
-    names = [str(v).strip() for v in items if str(v).strip() and str(v).strip().lower() not in _NULL]
-    for name in names:
-        if not Path(name).is_file():
-            raise p._error(value, f"existing files; '{name}' is not one")
-    return names
+def _as_existing_list(kind: str):  # noqa: ANN202 - returns one of the coercers above
+    what = "files" if kind == "files" else "files or folders"
+
+    def check(p: Parameter, value: Any) -> list[str]:
+        listed = isinstance(value, (list, tuple))
+        items = value.split(",") if isinstance(value, str) else list(value) if listed else None
+        if items is None:
+            raise p._error(value, f"a list of {what} (or a comma-separated string)")
+        names = [str(v).strip() for v in items if str(v).strip() and str(v).strip().lower() not in _NULL]
+        for name in names:
+            if not (Path(name).is_file() or (kind == "paths" and Path(name).is_dir())):
+                raise p._error(value, f"existing {what}; '{name}' is not one")
+        return names
+
+    return check
 
 
 _COERCE = {
@@ -140,7 +147,8 @@ _COERCE = {
     "path": _as_str,
     "dir": _as_existing("dir"),
     "file": _as_existing("file"),
-    "files": _as_files,
+    "files": _as_existing_list("files"),
+    "paths": _as_existing_list("paths"),
 }
 
 

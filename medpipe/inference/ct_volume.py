@@ -32,66 +32,13 @@ from medpipe.files import atomic_write_text, staged_outputs
 from medpipe.inference.input_guard import OK
 from medpipe.io import ct, dicom_seg
 from medpipe.io.dicom import Volume
-from medpipe.transforms.seg import clahe
+from medpipe.transforms.ct_intensity import AIR_HU, MINMAX_MODES, check_axial_ct, ct_to_model_slices
 from medpipe.transforms.seg_postprocessing import check_fraction, relabel_small_components
 from medpipe.transforms.slice_context import check_context_slices, stack_context
 
 logger = logging.getLogger(__name__)
 
-# the slice axis may lean this far from the patient's head-foot axis (gantry tilt) and still count as axial
-MAX_AXIAL_TILT_DEG = 30.0
-# the lowest HU of a chest CT is air (about -1000); a volume whose minimum is above this is not in HU
-MAX_MIN_HU = -500.0
 REPORT = "report.json"
-
-
-def check_axial_ct(volume: Volume, name: str) -> None:
-    """Refuse volumes a model trained on axial HU slices cannot read: non-axial stacks and non-HU intensities."""
-    directions = np.asarray(volume.affine)[:3, :3] / np.linalg.norm(np.asarray(volume.affine)[:3, :3], axis=0)
-    closest = int(np.argmax(np.abs(directions[2])))  # which voxel axis runs closest to superior
-    tilt = float(np.degrees(np.arccos(min(1.0, abs(directions[2, 2])))))
-    if closest != 2 or tilt > MAX_AXIAL_TILT_DEG:
-        raise MedpipeError(
-            f"{name}: not an axial volume (its slice axis is {tilt:.0f}° from head-foot, voxel axis {closest} is); "
-            "this model segments axial CT slices: reformat the series to axial first"
-        )
-    if volume.array.ndim != 3 or min(volume.array.shape) < 1:
-        raise MedpipeError(f"{name}: expected a 3-D volume, got shape {volume.array.shape}")
-    low = float(np.min(volume.array))
-    if low > MAX_MIN_HU:
-        raise MedpipeError(f"{name}: lowest value {low:g} > {MAX_MIN_HU:g}; not CT in Hounsfield units (air ≈ -1000)")
-
-
-# HU -> [0, 1] without a window: min-max over each slice or over the volume, as the development PNGs were made
-# (covid_ct_seg README: "min-max normalised and CLAHE-enhanced"); values below air (the -2048 / -3024 padding
-# outside the field of view) count as air, so padding does not set the minimum
-MINMAX_MODES = ("minmax_slice", "minmax_volume")
-AIR_HU = -1024.0
-
-
-def hu_to_unit_slices(volume: Volume, window: str | tuple[float, float], slice_size: int) -> np.ndarray:
-    """(N, slice_size, slice_size) axial display slices in [0, 1]: an HU window, or a min-max mode."""
-    if not (isinstance(window, str) and window in MINMAX_MODES):
-        return ct.display_slices(ct.window(volume.array, window), volume.affine, size=slice_size)
-    hu = np.maximum(np.asarray(volume.array, dtype=np.float32), np.float32(AIR_HU))
-    if window == "minmax_volume":
-        low, high = float(hu.min()), float(hu.max())
-        return ct.display_slices((hu - low) / max(high - low, 1e-6), volume.affine, size=slice_size)
-    planes = ct.display_slices(hu, volume.affine, size=slice_size)
-    low, high = planes.min(axis=(1, 2), keepdims=True), planes.max(axis=(1, 2), keepdims=True)
-    return ((planes - low) / np.maximum(high - low, 1e-6)).astype(np.float32)
-
-
-def ct_to_model_slices(
-    volume: Volume, window: str | tuple[float, float] = "lung", slice_size: int = 256, clip_limit: float = 7.0
-) -> np.ndarray:
-    """(N, slice_size, slice_size) float32 slices in [0, 1], intensity-matched to the CLAHE PNG training slices."""
-    planes = hu_to_unit_slices(volume, window, slice_size)
-    enhanced = clahe(np.clip(np.rint(planes * 255.0), 0, 255).astype(np.uint8), clip_limit=clip_limit)
-    out = enhanced.astype(np.float32)
-    # the training loader min-max scales each PNG (medpipe.imageio); do the same so 0/255 map identically
-    low, high = out.min(axis=(1, 2), keepdims=True), out.max(axis=(1, 2), keepdims=True)
-    return np.where(high > low, (out - low) / np.maximum(high - low, 1e-6), 0.0).astype(np.float32)
 
 
 @torch.no_grad()

@@ -241,6 +241,7 @@ def find_series(root: str | Path) -> Scan:
     skipped: list[Skipped] = []
     damaged: list[Damaged] = []
     n_not_dicom = 0
+    invalid_uids: list[str] = []
     for path in paths:
         try:
             header = read_header(path, _DEFER_BYTES)
@@ -262,8 +263,14 @@ def find_series(root: str | Path) -> Scan:
             log.info("skipping %s: %s", path, reason)
             skipped.append(Skipped(str(path), reason))
             continue
-        uid = str(ds.get("SeriesInstanceUID", "")) or f"(no SeriesInstanceUID: {path.parent})"
+        with warnings.catch_warnings(record=True) as caught:  # pydicom warns per file on non-conformant UIDs
+            warnings.simplefilter("always")
+            uid = str(ds.get("SeriesInstanceUID", "")) or f"(no SeriesInstanceUID: {path.parent})"
+        invalid_uids += [str(w.message) for w in caught if "Invalid value for VR UI" in str(w.message)]
         by_uid.setdefault(uid, []).append(SliceFile(path, ds))
+    if invalid_uids:  # one line for the whole folder (UUID-style UIDs of some de-identified sets), read as they are
+        log.warning("%s: %d file(s) carry UIDs that are not DICOM-conformant, read as they are (%s)", root,
+                    len(invalid_uids), invalid_uids[0].split(".")[0])  # fmt: skip
     series = [Series(uid, files) for uid, files in by_uid.items()]
     return Scan(series, skipped, damaged, len(paths), n_not_dicom)
 

@@ -15,6 +15,7 @@ from monai.transforms import MapTransform, Randomizable
 
 from medpipe.errors import MedpipeError
 from medpipe.io.images import load_grey_2d
+from medpipe.transforms.infection_free import PIXELS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ class LoadSegSliced(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
+        if PIXELS_KEY in out:  # an infection-free slice, already in model intensities (transforms.infection_free)
+            out[self.image_key] = torch.as_tensor(np.asarray(out.pop(PIXELS_KEY), dtype=np.float32))
+            out[self.label_key] = torch.as_tensor(np.asarray(out[self.label_key], dtype=np.uint8))
+            return out
         image = load_grey_2d(str(out[self.image_key]))
         channels = [image]
         if out.get(self.context_key):
@@ -163,26 +168,45 @@ class RandReverseContextd(Randomizable, MapTransform):
         return out
 
 
+class PatchSampled(Randomizable, MapTransform):
+    """Random square patches of `patch_size` from each (native-size) slice, centred on a voxel of class c with
+    probability class_ratios[c] (nnU-Net-style foreground oversampling, MONAI's RandCropByLabelClassesd). A slice
+    with no voxel of any class (an infection-free slice, labelled NO_INFECTION only) gets a uniformly placed patch.
+    Returns a list of one item, as RandCropByLabelClassesd does."""
+
+    def __init__(
+        self, patch_size: int, class_ratios: Sequence[float], num_classes: int, keys: Sequence[str] = ("image", "label")
+    ) -> None:
+        from monai.transforms import RandCropByLabelClassesd, RandSpatialCropd
+
+        MapTransform.__init__(self, list(keys))
+        self.label_key, self.num_classes = keys[-1], int(num_classes)
+        size = [int(patch_size)] * 2
+        self.by_class = RandCropByLabelClassesd(
+            keys=list(keys), label_key=self.label_key, spatial_size=size, ratios=list(class_ratios),
+            num_classes=self.num_classes, num_samples=1, allow_smaller=True, warn=False,
+        )  # fmt: skip
+        self.uniform = RandSpatialCropd(keys=list(keys), roi_size=size, random_size=False)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> PatchSampled:
+        super().set_random_state(seed, state)
+        self.by_class.set_random_state(seed, state)  # labelled slices draw exactly as RandCropByLabelClassesd alone
+        self.uniform.set_random_state(seed=None if seed is None else seed + 1, state=state)
+        return self
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
+        label = torch.as_tensor(data[self.label_key])
+        if bool((label < self.num_classes).any()):
+            return list(self.by_class(data))
+        return [self.uniform(data)]
+
+
 def patch_sampling(
     patch_size: int, class_ratios: Sequence[float], num_classes: int, keys: Sequence[str] = ("image", "label")
 ) -> list[Any]:
-    """Random square patches of `patch_size` from each (native-size) slice, centred on a voxel of class c with
-    probability class_ratios[c] (nnU-Net-style foreground oversampling); patch_size 0: whole slices, no list."""
-    from monai.transforms import RandCropByLabelClassesd
-
+    """[PatchSampled(...)] for the training chain; patch_size 0: whole slices, an empty list."""
     if int(patch_size) <= 0:
         return []
     if len(class_ratios) != num_classes or min(class_ratios) < 0 or sum(class_ratios) <= 0:
         raise MedpipeError(f"patch_class_ratios needs {num_classes} non-negative weights, got {list(class_ratios)}")
-    return [
-        RandCropByLabelClassesd(
-            keys=list(keys),
-            label_key=keys[-1],
-            spatial_size=[int(patch_size)] * 2,
-            ratios=list(class_ratios),
-            num_classes=num_classes,
-            num_samples=1,
-            allow_smaller=True,
-            warn=False,
-        )
-    ]
+    return [PatchSampled(patch_size, class_ratios, num_classes, keys)]

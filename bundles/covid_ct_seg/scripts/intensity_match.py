@@ -1,7 +1,7 @@
 """Which HU -> [0, 1] mapping makes real CT series look, to the model, like the development PNGs?
 
 Label-free: for each candidate mapping (an HU window, or min-max per slice / per volume) the real series go through
-volumetric inference's preprocessing (medpipe.inference.ct_volume.ct_to_model_slices: mapping, 256², 8-bit, CLAHE,
+volumetric inference's preprocessing (medpipe.transforms.ct_intensity.ct_to_model_slices: mapping, 256², 8-bit, CLAHE,
 min-max), and the pooled intensity histogram of their slices between 20 % and 80 % of the z-range (the range the
 development PNGs were cut from) is compared with that of all development PNGs by the 1-D Wasserstein distance.
 The candidate with the smallest mean distance over the series wins. No label and no model output is used.
@@ -20,9 +20,9 @@ from scipy.stats import wasserstein_distance
 
 from medpipe.data.datalists import data_root, read_seg_datalist
 from medpipe.files import atomic_write_text
-from medpipe.inference.ct_volume import ct_to_model_slices
 from medpipe.io import ct
 from medpipe.io.images import load_grey_2d
+from medpipe.transforms.ct_intensity import ct_to_model_slices
 
 CANDIDATES = ("lung", "minmax_slice", "minmax_volume")
 SERIES = ("dicom/rider_pilot_chest_ct_0117", "covid_ct_md/P002")
