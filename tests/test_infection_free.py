@@ -72,6 +72,10 @@ def test_bad_sources_are_refused_in_one_line(tmp_path: Path) -> None:
     bad.write_text("file,infection\nIM1.dcm,yes\n")
     with pytest.raises(MedpipeError, match="0 or 1"):
         infection_free_items([bad])
+    positives = tmp_path / "positives.csv"  # every slice labelled infected: nothing to learn absence from
+    positives.write_text("file,infection\n" + "".join(f"{f},1\n" for f in _rider().glob("*.dcm")))
+    with pytest.raises(MedpipeError, match="no slice is labelled infection 0"):
+        infection_free_items([positives])
     parameter = declared_parameters(BUNDLE)["infection_free"]
     assert parameter.coerce(f"{tmp_path},{bad}") == [str(tmp_path), str(bad)]  # folders and CSVs, comma-separated
     assert parameter.coerce("none") == []

@@ -94,13 +94,17 @@ def infection_free_items(
     items: list[dict[str, Any]] = []
     for source in sources:
         path = Path(source)
+        found: list[dict[str, Any]] = []
         if path.is_dir():
-            items += series_items(path, None, window, slice_size, context_slices)
+            found = series_items(path, None, window, slice_size, context_slices)
         elif path.is_file() and path.suffix.lower() == ".csv":
             for folder, names in _read_negative_files(path).items():
-                items += series_items(folder, names, window, slice_size, context_slices)
+                found += series_items(folder, names, window, slice_size, context_slices)
         else:
             raise MedpipeError(f"infection_free source '{source}': not a DICOM series folder or a slice-label .csv")
+        if not found:  # a source that adds nothing would leave the run silently without what it asked for
+            raise MedpipeError(f"infection_free source '{source}': no slice is labelled infection 0")
+        items += found
     return items
 
 
