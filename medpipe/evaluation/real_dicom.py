@@ -7,7 +7,6 @@ of each slice, so no slice order has to be assumed."""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,24 +16,14 @@ import numpy as np
 from medpipe.errors import MedpipeError
 from medpipe.evaluation.metrics import roc_auc
 from medpipe.io import ct
+from medpipe.io.slice_labels import read_slice_label_rows
 
 INFECTION = 2
 
 
 def read_slice_labels(path: str | Path) -> dict[str, int]:
     """{DICOM file name: 0/1} from a CSV with `file` and `infection` columns (file paths are matched by name)."""
-    path = Path(path)
-    try:
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError as exc:
-        raise MedpipeError(f"cannot read slice labels '{path}': {exc}") from exc
-    if not rows or not {"file", "infection"} <= set(rows[0]):
-        raise MedpipeError(f"'{path}' needs `file` and `infection` columns (one row per slice)")
-    labels = {Path(r["file"]).name: int(r["infection"]) for r in rows}
-    if set(labels.values()) - {0, 1}:
-        raise MedpipeError(f"'{path}': infection labels must be 0 or 1")
-    return labels
+    return {file.name: label for file, label in read_slice_label_rows(path)}
 
 
 def per_slice_ml(mask: np.ndarray, affine: np.ndarray, label: int = INFECTION) -> np.ndarray:

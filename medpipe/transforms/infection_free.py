@@ -14,7 +14,6 @@ and `infection` columns (COVID-CT-MD's slice labels; files relative to the CSV's
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,20 +30,12 @@ PIXELS_KEY = "pixels"  # the item's ready (k, H, W) input; `image` keeps the DIC
 
 def _read_negative_files(csv_path: Path) -> dict[Path, set[str]]:
     """{series folder: names of its files labelled infection 0} from a slice-label CSV."""
-    try:
-        with csv_path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError as exc:
-        raise MedpipeError(f"cannot read slice labels '{csv_path}': {exc}") from exc
-    if not rows or not {"file", "infection"} <= set(rows[0]):
-        raise MedpipeError(f"'{csv_path}' needs `file` and `infection` columns (one row per slice)")
+    from medpipe.io.slice_labels import read_slice_label_rows
+
     negatives: dict[Path, set[str]] = {}
-    for row in rows:
-        if row["infection"].strip() not in ("0", "1"):
-            raise MedpipeError(f"'{csv_path}': infection labels must be 0 or 1, got {row['infection']!r}")
-        file = csv_path.parent / row["file"]
+    for file, label in read_slice_label_rows(csv_path):
         names = negatives.setdefault(file.parent, set())
-        if row["infection"].strip() == "0":
+        if label == 0:
             names.add(file.name)
     return negatives
 
