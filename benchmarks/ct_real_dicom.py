@@ -52,14 +52,9 @@ def build_segmenter(network: str, ckpts: list[str], options: dict[str, Any], scr
 
 def trained_files(ckpts: list[str]) -> set[str]:
     """The images any of the checkpoints was trained on (their trained_on.json), resolved."""
-    from medpipe.training.checkpoints import trained_on_file
+    from medpipe.training.checkpoints import read_trained_on
 
-    seen: set[str] = set()
-    for ckpt in ckpts:
-        record = trained_on_file(ckpt)
-        if ckpt != "random" and record.is_file():
-            seen |= set(json.loads(record.read_text()))
-    return seen
+    return set().union(*(read_trained_on(c) for c in ckpts if c != "random"))
 
 
 def measure(name: str, segmenter: Any, data: Path, repeat: int, seen: set[str]) -> dict[str, Any]:
@@ -72,8 +67,8 @@ def measure(name: str, segmenter: Any, data: Path, repeat: int, seen: set[str]) 
     mask = segmenter.segment(volume, "P002")
     labels = read_slice_labels(ctmd / "slice_labels.csv")
     row["covid_ct_md_P002"] = slice_label_figures(mask, volume.affine, volume.source_files, labels)
-    row["held_out"] = {
-        key: not any(str(Path(f).resolve()) in seen for f in ct.load_volume(folder).source_files if f is not None)
+    row["held_out"] = {  # by folder: no need to load a series again to list its files
+        key: all(Path(f).parent != folder.resolve() for f in seen)
         for key, folder in (("P002", ctmd / "P002"), ("rider", data / "dicom" / "rider_pilot_chest_ct_0117"))
     }
     times = {}

@@ -66,18 +66,23 @@ def trained_on_file(ckpt_path: str | Path) -> Path:
     return ckpt_path.with_name(ckpt_path.stem + ".trained_on.json")
 
 
+def read_trained_on(ckpt_path: str | Path) -> set[str]:
+    """The resolved image paths a final model was trained on; empty when it has no readable record."""
+    record = trained_on_file(ckpt_path)
+    try:
+        return set(json.loads(record.read_text())) if record.is_file() else set()
+    except (OSError, ValueError):
+        return set()
+
+
 def warn_if_trained_on(ckpt_path: str | Path, items: Sequence[dict[str, Any]]) -> int:
     """Say loudly when evaluated images were in the checkpoint's training set: such metrics are not held out.
 
     Evaluating a folder scores all of it unless `--fold k` is given, so scoring a fold-0 model on its own data set
     without `--fold 0` would otherwise report training-set metrics as if they were an estimate. Returns the count.
     """
-    record = trained_on_file(ckpt_path)
-    if not record.is_file():
-        return 0
-    try:
-        trained = set(json.loads(record.read_text()))
-    except (OSError, ValueError):
+    trained = read_trained_on(ckpt_path)
+    if not trained:
         return 0
     seen = sum(str(Path(it["image"]).resolve()) in trained for it in items if "image" in it)
     if seen:
