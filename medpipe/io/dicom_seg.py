@@ -9,6 +9,7 @@ missing and the caller decides (volumetric inference then skips the SEG and says
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -118,8 +119,10 @@ def _seg_frames(mask: np.ndarray, volume: Volume) -> tuple[np.ndarray, list[pydi
 
 def volume_seg_blocker(volume: Volume) -> str | None:
     """Why no DICOM-SEG can be written for this DICOM-loaded volume (see `seg_blocker`), or None."""
-    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in volume.source_files if f is not None]
-    return seg_blocker(sources) if sources else "the volume has no source DICOM files"
+    with warnings.catch_warnings():  # pydicom warns per file on malformed UIDs; the blocker's message names them once
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in volume.source_files if f is not None]
+        return seg_blocker(sources) if sources else "the volume has no source DICOM files"
 
 
 def fill_type2(ds: pydicom.Dataset) -> list[str]:
