@@ -21,7 +21,8 @@ from medpipe.io import ct
 BUNDLE = REPO / "bundles" / "covid_ct_seg"
 EPOCHS = 15  # about 6 min on 2 threads
 # measured with EPOCHS on 2 threads (tests run with OMP_NUM_THREADS=2): P002 slice AUC 0.734, RIDER 37.3 mL
-# (6 epochs were too few: one series' lung came out at 21 mL); the full model: 0.829 / 36.8 mL (results log §7)
+# (6 epochs were too few: one series' lung came out at 21 mL); the default full model (fold 0, 80 epochs):
+# 0.866 / 32.3 mL (results log §9)
 MIN_P002_SLICE_AUC = 0.65
 MAX_RIDER_INFECTION_ML = 60.0
 
