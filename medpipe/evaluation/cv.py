@@ -12,7 +12,7 @@ import signal
 import statistics
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -265,6 +265,16 @@ def _restore_sigterm(previous: Any) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _wait_interruptibly(jobs: set[Future], return_when: str) -> tuple[set[Future], set[Future]]:
+    """`concurrent.futures.wait` that lets Ctrl-C and SIGTERM in at once: the kernel may hand the signal to one of the
+    pool's helper threads, and a main thread blocked on a lock would only run the handler when a fold ends."""
+    while True:
+        done, pending = wait(jobs, timeout=0.5, return_when=return_when)
+        failed = any(j.cancelled() or j.exception() for j in done)
+        if not pending or failed or (done and return_when == FIRST_COMPLETED):
+            return done, pending
+
+
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """Cancel every fold not yet started and end the running ones (their files are atomic: nothing half-written)."""
     processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
@@ -311,15 +321,17 @@ def _run_folds(
     try:
         for fold in range(folds):
             if len(running) >= parallel:
-                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                finished, running = _wait_interruptibly(running, FIRST_COMPLETED)
                 for job in finished:
                     job.result()  # re-raises a fold's error here, before another fold starts
             # share the cores among the folds that will run alongside this one (those still running count)
             threads = max(1, cores // min(parallel, folds - fold + len(running)))
             running.add(pool.submit(_fold_on_threads, threads, bundle_dir, network, fold, folds, split_mode,
                                     out_dir, **overrides))  # fmt: skip
-        for job in running:
-            job.result()
+        while running:
+            finished, running = _wait_interruptibly(running, FIRST_EXCEPTION)
+            for job in finished:
+                job.result()
     except KeyboardInterrupt:
         _stop_workers(pool)
         raise _interrupted(out_dir, folds) from None
