@@ -242,6 +242,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A suite started in the background (`cmd &`, nohup) hands SIGINT down ignored, and a program that starts with
+    it ignored rightly keeps ignoring it: give the CLI the default, as a terminal does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _threads_taking(pid: int, signum: int) -> list[int]:
     """Thread ids of a process that do not block the signal (from /proc/PID/task/TID/status SigBlk)."""
     tids = []
@@ -266,6 +272,7 @@ def test_ctrl_c_during_parallel_cv_starts_no_queued_fold(data: Path, tmp_path: P
         [sys.executable, str(tmp_path / "cli.py"), str(tmp_path), "cv", "brain_tumor_cls", "--network", "paper_cnn",
          "--folds", "4", "--parallel", "2", "--out", str(out), "--dataset_dir", str(data)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=_sigint_as_in_a_terminal,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
