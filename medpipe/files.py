@@ -8,11 +8,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -74,6 +76,24 @@ def writable_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
+def check_writable_dir(path: str | Path, what: str = "output folder") -> Path:
+    """`writable_dir`'s check without creating anything: a job refuses a read-only or full place (or a file in the
+    way) in one line before it starts, and a job refused later leaves no empty folder behind. A missing folder is
+    probed in its nearest existing parent, where it would be made."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        shown = "" if existing == path else f" ('{existing}' is a file)"
+        raise MedpipeError(f"{what} '{path}' is a file, not a folder{shown}; pass a folder path")
+    try:
+        _new_temp_file(existing / "write-probe").unlink()
+    except OSError as exc:
+        raise MedpipeError(f"cannot write to {what} '{path}': {exc.strerror or exc}; choose another folder") from exc
+    return path
+
+
 @contextmanager
 def staged_outputs(out_dir: str | Path, what: str = "outputs", last: tuple[str, ...] = ()) -> Iterator[Path]:
     """All-or-nothing output sets: write everything into a hidden staging folder inside `out_dir`, then move each
@@ -113,3 +133,41 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "_"
+
+
+def distinct_names(paths: Sequence[str | Path], name: Callable[[Path], str] = lambda p: p.name) -> list[str]:
+    """One output name per input path, never the same for two inputs: `name(path)` where that is unique among
+    `paths`, else prefixed with as many of the path's parent folders as tell the inputs apart (`a/s1`, `b/s1` ->
+    `a_s1`, `b_s1`); a path given twice gets `_2`, `_3` … Inputs named alike must not write over each other."""
+    given = [os.path.abspath(p) for p in paths]
+    unique = list(dict.fromkeys(given))  # the same input twice is one name, numbered below
+    bases = [name(Path(p)) for p in unique]
+    parents = [[_safe(part) for part in Path(p).parent.parts[1:]][::-1] for p in unique]  # nearest folder first
+    depth = [0] * len(unique)
+
+    def named(i: int) -> str:
+        return "_".join([*parents[i][: depth[i]][::-1], bases[i]])
+
+    while True:
+        counts = Counter(named(i) for i in range(len(unique)))
+        longer = [i for i in range(len(unique)) if counts[named(i)] > 1 and depth[i] < len(parents[i])]
+        if not longer:
+            break
+        for i in longer:
+            depth[i] += 1
+    by_path = {p: named(i) for i, p in enumerate(unique)}
+    seen: Counter[str] = Counter()
+    names = []
+    for p in given:
+        n = by_path[p]
+        seen[n] += 1
+        names.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
+    taken = Counter(names)  # what the parents could not tell apart (one name used by two folders) is numbered too
+    for n in [n for n, c in taken.items() if c > 1]:
+        for k, i in enumerate([i for i, m in enumerate(names) if m == n][1:], start=2):
+            names[i] = f"{n}_{k}"
+    return names

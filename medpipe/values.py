@@ -3,6 +3,7 @@ arrive as '3'. One reading of each, with a one-line error, for every command and
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -34,3 +35,22 @@ def whole_number(name: str, value: Any) -> int:
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         return int(value.strip())
     raise MedpipeError(f"{name} must be an integer, got {value!r}")
+
+
+def path_list(value: Any, name: str = "--input") -> list[str]:
+    """Paths as users give them: one path, a comma-separated string of them (when no such path exists), or a list.
+
+    python-fire turns `--input 123` (a folder named 123) into the number 123 and `--input 12,13` into a tuple of
+    numbers: here they are the names they were typed as."""
+    if isinstance(value, (str, os.PathLike)):
+        text = os.fspath(value)
+        items = text.split(",") if "," in text and not os.path.exists(text) else [text]
+    elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        items = [str(value)]
+    elif isinstance(value, (list, tuple)) and all(
+        isinstance(v, (str, os.PathLike, int, float, np.integer)) and not isinstance(v, bool) for v in value
+    ):
+        items = [os.fspath(v) if isinstance(v, os.PathLike) else str(v) for v in value]
+    else:
+        raise MedpipeError(f"{name} must be a path or a list of paths, got {value!r}")
+    return [item.strip() for item in items if item.strip()]

@@ -15,7 +15,9 @@ BUNDLES = sorted(p.parent.parent for p in (REPO / "bundles").glob("*/configs/met
 if not os.environ.get("MEDPIPE_DATA") and (REPO.parent / "shared" / "data").is_dir():
     os.environ["MEDPIPE_DATA"] = str(REPO.parent / "shared" / "data")
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# one OpenMP thread per pytest-xdist worker (`make test` runs two): two workers of 2 threads each on 2 cores spin-wait
+# and run several times slower than one
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 # caches written by the code under test (image hashes) go to a throw-away folder, not the user's ~/.cache
 os.environ.setdefault("MEDPIPE_CACHE_DIR", tempfile.mkdtemp(prefix="medpipe-test-cache-"))
 
@@ -31,3 +33,18 @@ def real_dataset(name: str) -> Path:
 @pytest.fixture
 def brain_yes_no() -> Path:
     return real_dataset("brain_mri_yes_no")
+
+
+# `make test` runs two xdist workers with `--dist loadfile`: a module runs whole on one worker, so its module-scoped
+# fixtures (a real Orthanc, an MLflow server, a trained model, a CV run) are made once. xdist hands the modules out in
+# collection order (`--no-loadscope-reorder`): the longest first, so that the short ones fill in around them.
+SLOWEST_FIRST = (
+    "test_seg_real_dicom", "test_serve", "test_distributed", "test_faults_serve_queue", "test_faults_tracking",
+    "test_dicomweb", "test_viewer", "test_faults_serve_routes", "test_faults_cv", "test_tracking", "test_ct_seg",
+    "test_infection_free", "test_parameters", "test_seg_postprocessing", "test_cv",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the order within a module is kept

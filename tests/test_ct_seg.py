@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from conftest import REPO, real_dataset
-from medpipe.bundle.config import run_bundle
 from medpipe.data.datalists import read_seg_datalist, seg_datalists
 from medpipe.errors import MedpipeError
 from medpipe.evaluation.metrics import (
@@ -29,7 +28,6 @@ from medpipe.evaluation.metrics import (
 )
 from medpipe.evaluation.seg_report import slice_statistics
 from medpipe.inference.ct_volume import VolumeSegmenter, keep_lung_components
-from medpipe.io import ct
 from medpipe.io.dicom import Volume
 from medpipe.transforms.ct_intensity import check_axial_ct
 from medpipe.transforms.seg import LoadSegSliced, clahe
@@ -306,58 +304,3 @@ def test_non_axial_volume_fails_in_one_line_and_writes_nothing(tmp_path: Path) -
     assert_one_line_error(result, "not an axial volume")
     assert not out.exists() or not any(out.iterdir())
 
-
-# --------------------------------------------------------------------------------------------- real RIDER volume
-
-
-@pytest.fixture(scope="module")
-def lung_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small UNet trained briefly on the real slices (64x64): enough to find lungs, not to grade infection."""
-    data = real_dataset("covid_ct_seg")
-    models = tmp_path_factory.mktemp("lung_model")
-    run_bundle(
-        BUNDLE, "train", dataset_dir=str(data), ckpt_dir=str(models), output_dir=str(models), fold=-1,
-        max_cases=240, epochs=6, image_size=64, learning_rate=0.005, seed=0,
-    )  # fmt: skip
-    return models
-
-
-def body_hull(plane_hu: np.ndarray) -> np.ndarray:
-    """Convex hull of the largest soft-tissue component of one slice: the chest, lungs included, table excluded.
-
-    A hull rather than hole filling, because this patient is wider than the scan's circular field of view, so the
-    lungs open onto the (-3024 HU) outside of the circle and are not holes of the body.
-    """
-    from matplotlib.path import Path as Polygon
-    from scipy import ndimage
-    from scipy.spatial import ConvexHull
-
-    labels, n = ndimage.label(ndimage.binary_opening(plane_hu > -400, iterations=2))
-    if n == 0:
-        return np.zeros(plane_hu.shape, dtype=bool)
-    points = np.argwhere(labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
-    polygon = Polygon(points[ConvexHull(points).vertices])
-    grid = np.indices(plane_hu.shape).reshape(2, -1).T
-    return polygon.contains_points(grid, radius=1.0).reshape(plane_hu.shape)
-
-
-def test_rider_series_gives_plausible_lungs_inside_the_body(lung_model: Path, tmp_path: Path) -> None:
-    rider = real_dataset("dicom") / "rider_pilot_chest_ct_0117"
-    out = tmp_path / "infer"
-    run_bundle(BUNDLE, "inference", input=str(rider), ckpt_dir=str(lung_model), output_dir=str(out), image_size=64)
-    entry = json.loads((out / "report.json").read_text())["volumes"][0]
-    volume = ct.load_volume(rider)
-    seg = nib.load(out / entry["files"]["seg"])
-    assert seg.shape == volume.array.shape == (512, 512, 95)
-    np.testing.assert_allclose(seg.affine, volume.affine, atol=1e-4)
-    # 7.6 cm of lung bases, heart and liver dome: well under a full thorax's 4-6 L, but clearly lungs
-    assert 200 <= entry["lung_volume_ml"] <= 3000, entry
-    assert 0 <= entry["infection_percent_of_lung"] <= 100
-    lung = np.asarray(seg.dataobj)[:, :, ::6] >= 1  # every 6th slice keeps the check quick
-    body = np.stack([body_hull(volume.array[:, :, k]) for k in range(0, volume.array.shape[2], 6)], axis=2)
-    inside = (lung & body).sum() / lung.sum()
-    assert inside >= 0.98, f"only {inside:.3f} of the lung mask lies inside the body"
-    import highdicom as hd
-
-    seg_dcm = hd.seg.segread(out / entry["files"]["dicom_seg"])
-    assert seg_dcm.number_of_frames > 0 and seg_dcm.Rows == 512

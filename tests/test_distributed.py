@@ -132,7 +132,8 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
         log.close()
     killed_at = _epochs_done(last)  # readable: written to a temporary file, then renamed
     assert 2 <= killed_at < epochs
-    strays = [p.name for p in last.parent.iterdir() if p.name not in ("last.pt", "model.pt")]
+    # training.lock: the killed process's claim on the folder, taken over by the resumed run
+    strays = [p.name for p in last.parent.iterdir() if p.name not in ("last.pt", "model.pt", "training.lock")]
     assert all(p.startswith(".") and p.endswith(".tmp") for p in strays), strays
     assert not (tmp_path / "models" / "model.pt").exists()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -406,3 +407,216 @@ def test_non_conformant_uids_are_read_with_one_warning_per_folder(
     assert not [w for w in caught if "VR UI" in str(w.message)]
     lines = [r.getMessage() for r in caplog.records if "not DICOM-conformant" in r.getMessage()]
     assert len(lines) == 1 and "4 file(s)" in lines[0]
+
+
+# ------------------------------------------------------------ outside probe: names, burned-in text (item 17)
+
+
+@pytest.mark.parametrize(
+    ("name", "parts"),
+    [
+        ("Li^Bo", ["Li", "Bo"]),
+        ("X^Y", ["X", "Y"]),
+        ("山田^太郎", ["山田", "太郎"]),
+        ("Yamada^Tarou=山田^太郎=やまだ^たろう", ["Yamada", "Tarou", "山田", "太郎", "やまだ", "たろう"]),
+    ],
+)
+def test_short_and_non_latin_names_are_removed_from_the_sidecar(
+    rider: list[Path], tmp_path: Path, name: str, parts: list[str]
+) -> None:
+    """Name parts of one or two letters and CJK parts (written without spaces) are identifiers too; "liver" and
+    "X-ray" words that merely contain a short Latin part survive."""
+    files = copy(rider[40:42], tmp_path / "in")
+    joined = "".join(parts) if not parts[-1].isascii() else " ".join(parts)  # CJK names are written unspaced
+    for f in files:
+        edit(
+            f,
+            SpecificCharacterSet="ISO_IR 192",
+            PatientName=name,
+            SeriesDescription=f"{parts[1]} {parts[0]} liver",
+            StudyDescription=f"{joined} X-ray follow-up",
+            ProtocolName=f"chest {parts[-1]}",
+        )
+    summary = ingest.ingest(tmp_path / "in", tmp_path / "out")
+    sidecar = json.loads((tmp_path / "out" / summary["ingested"][0]["sidecar"]).read_text())
+    cleaned = " ".join(sidecar[k] for k in ("series_description", "study_description", "protocol_name"))
+    for part in parts:
+        assert part not in (re.findall(r"\w+", cleaned) if part.isascii() else cleaned), (part, cleaned)
+    assert sidecar["series_description"] == "[removed] [removed] liver"
+    assert sidecar["protocol_name"] == "chest [removed]"
+    assert sidecar["study_description"].endswith("-ray follow-up")
+
+
+def test_short_ids_are_not_blanked_everywhere(tmp_path: Path) -> None:
+    """Only person names count at any length: a StudyID "1" identifies no one, and the "1" of "1 mm" stays."""
+    path = Path(shutil.copyfile(get_testdata_file("CT_small.dcm"), tmp_path / "ct.dcm"))
+    edit(path, StudyID="1", PatientName="Li^Bo", SeriesDescription="Chest 1 mm Li")
+    assert dicom.load_series(tmp_path).meta["series_description"] == "Chest 1 mm [removed]"
+
+
+def test_burned_in_annotation_is_refused_unless_allowed(rider: list[Path], tmp_path: Path) -> None:
+    """PS3.15: text burned into the pixels survives header de-identification, so such a series is refused by
+    default (one line naming it), and with the explicit opt-in ingested with a warning recorded in the sidecar."""
+    files = copy(rider[40:43], tmp_path / "in")
+    edit(files[1], BurnedInAnnotation="YES")
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    result = run_cli(str(tmp_path / "in"), str(tmp_path / "out"))
+    assert_one_line(result, uid, "BurnedInAnnotation YES in 1 of 3 file(s)", "--allow_burned_in")
+    assert everything(tmp_path / "out") == []
+    summary = ingest.ingest(tmp_path / "in", tmp_path / "out", allow_burned_in=True)
+    assert "BurnedInAnnotation YES" in summary["ingested"][0]["warnings"][0]
+    sidecar = json.loads((tmp_path / "out" / summary["ingested"][0]["sidecar"]).read_text())
+    assert sidecar["burned_in_annotation"] is True
+    assert "identifying text may remain" in sidecar["deidentification"]["pixel_data"]
+    assert "113101" not in sidecar["deidentification"]["codes"]  # pixels were not cleaned
+
+
+# --------------------------------------------------------- outside probe: one series UID, two patients (item 19)
+
+
+@pytest.mark.parametrize("keyword", ["PatientID", "StudyInstanceUID"])
+def test_series_uid_shared_by_two_patients_or_studies_is_refused(
+    rider: list[Path], tmp_path: Path, keyword: str
+) -> None:
+    files = copy(rider[40:44], tmp_path / "in")
+    for f in files[2:]:  # the upper half is someone else's, under the same SeriesInstanceUID
+        edit(f, **{keyword: "OTHER77" if keyword == "PatientID" else "1.2.826.0.1.3680043.2.1125.77"})
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    result = run_cli(str(tmp_path / "in"), str(tmp_path / "out"))
+    assert_one_line(result, f"series {uid}", f"more than one {keyword}")
+    assert "OTHER77" not in result.stderr and everything(tmp_path / "out") == []
+    with pytest.raises(MedpipeError, match=f"more than one {keyword}"):
+        dicom.load_series(tmp_path / "in")
+
+
+# ------------------------------------- outside probe: deflated, colour, variable spacing, multi-frame (20, 21)
+
+
+def test_deflated_transfer_syntax_series_loads_like_the_original(rider: list[Path], tmp_path: Path) -> None:
+    """Deflated Explicit VR Little Endian (1.2.840.10008.1.2.1.99) is a valid transfer syntax: same voxels."""
+    for f in copy(rider[40:43], tmp_path / "plain"):
+        ds = pydicom.dcmread(f)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+        (tmp_path / "deflated").mkdir(exist_ok=True)
+        ds.save_as(tmp_path / "deflated" / f.name, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    assert (tmp_path / "deflated" / rider[40].name).stat().st_size < rider[40].stat().st_size / 2
+    deflated, plain = dicom.load_series(tmp_path / "deflated"), dicom.load_series(tmp_path / "plain")
+    np.testing.assert_array_equal(deflated.array, plain.array)
+    np.testing.assert_array_equal(deflated.affine, plain.affine)
+
+
+def test_rgb_ct_series_is_one_line(rider: list[Path], tmp_path: Path) -> None:
+    for f in copy(rider[40:42], tmp_path / "in"):
+        ds = pydicom.dcmread(f)
+        grey = (ds.pixel_array >> 4).astype(np.uint8)
+        ds.PixelData = np.repeat(grey[..., None], 3, axis=-1).tobytes()
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.save_as(f)
+    assert_one_line(run_cli(str(tmp_path / "in"), str(tmp_path / "out")), "PhotometricInterpretation RGB",
+                    "needs greyscale")  # fmt: skip
+    assert everything(tmp_path / "out") == []
+
+
+def respace(files: list[Path], steps: list[float], thickness: list[float] | None = None) -> None:
+    """Move slices along z so that consecutive slices lie `steps` mm apart (and set SliceThickness per slice)."""
+    z = np.concatenate([[0.0], np.cumsum(steps)])
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, -100.0 + float(z[k])]
+        if thickness is not None:
+            ds.SliceThickness = thickness[k]
+        ds.save_as(f)
+
+
+@pytest.mark.parametrize("on_gap", ["error", "warn"])
+def test_spacing_change_is_refused_not_filled_as_missing_slices(
+    rider: list[Path], tmp_path: Path, on_gap: str
+) -> None:
+    """1.25 mm slices, then 5 mm ones: the 5 mm steps are whole multiples, but no slice is missing; refused in
+    one line that says from what to what and where, even with --on_gap warn (never invented slices)."""
+    files = copy(rider[40:50], tmp_path / "in")
+    respace(files, [1.25] * 5 + [5.0] * 4)
+    with pytest.raises(MedpipeError, match=r"slice spacing changes from 1\.250 mm to 5\.000 mm between") as err:
+        ingest.ingest(tmp_path / "in", tmp_path / "out", on_gap=on_gap)
+    assert "missing" not in str(err.value) and "-93.75 and -88.75 mm along the normal" in str(err.value)
+    assert everything(tmp_path / "out") == []
+
+
+def test_one_thicker_last_slice_is_a_spacing_change_when_its_thickness_changes(
+    rider: list[Path], tmp_path: Path
+) -> None:
+    files = copy(rider[40:46], tmp_path / "in")
+    respace(files, [1.25] * 4 + [5.0], thickness=[1.25] * 5 + [5.0])
+    with pytest.raises(MedpipeError, match=r"changes from 1\.250 mm to 5\.000 mm .*SliceThickness changes from 1\.25"):
+        ingest.ingest(tmp_path / "in", tmp_path / "out", on_gap="warn")
+
+
+def test_a_lone_gap_is_still_a_gap(rider: list[Path], tmp_path: Path) -> None:
+    """One missing slice in a regular grid stays a gap (filled with --on_gap warn), not a spacing change."""
+    files = copy(rider[40:46], tmp_path / "in")
+    respace(files, [1.25, 1.25, 2.5, 1.25, 1.25])
+    with pytest.raises(MedpipeError, match="1 missing slice"):
+        ingest.ingest(tmp_path / "in", tmp_path / "out")
+    summary = ingest.ingest(tmp_path / "in", tmp_path / "out", on_gap="warn")
+    assert summary["ingested"][0]["shape"][2] == 7
+
+
+def test_multi_frame_file_is_named_as_multi_frame(rider: list[Path], tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    ds = pydicom.dcmread(rider[40])
+    ds.NumberOfFrames, ds.PixelData = 3, np.stack([ds.pixel_array] * 3).tobytes()
+    ds.save_as(tmp_path / "in" / "cine.dcm")
+    (tmp_path / "in" / "README").write_text("export notes\n")  # a stray file must not hide the reason
+    with pytest.raises(MedpipeError, match=r"cine\.dcm: multi-frame image \(3 frames\)"):
+        dicom.load_series(tmp_path / "in")
+    assert_one_line(run_cli(str(tmp_path / "in"), str(tmp_path / "out")), "multi-frame image (3 frames)")
+    from medpipe.io.images import load_grey_2d
+
+    with pytest.raises(MedpipeError, match=r"cine\.dcm' is a multi-frame image \(3 frames"):
+        load_grey_2d(tmp_path / "in" / "cine.dcm")
+
+
+# ------------------------------------------------------------------ outside probe: gantry tilt (item 18)
+
+
+def tilt_series(files: list[Path], degrees: float, geometry: bool = True) -> None:
+    """A gantry tilt as scanners write it: the image planes tilt about the left-right axis (ImageOrientationPatient)
+    while the table still moves each slice straight along head-foot (ImagePositionPatient), plus the header tag."""
+    t = np.radians(degrees)
+    for f in files:
+        attrs: dict[str, object] = {"GantryDetectorTilt": degrees}
+        if geometry:
+            attrs["ImageOrientationPatient"] = [1, 0, 0, 0, float(np.cos(t)), float(-np.sin(t))]
+        edit(f, **attrs)
+
+
+@pytest.mark.parametrize(("degrees", "geometry"), [(70.0, True), (70.0, False), (35.0, True)])
+def test_gantry_tilt_over_30_degrees_is_not_segmented_as_axial(
+    rider: list[Path], tmp_path: Path, degrees: float, geometry: bool
+) -> None:
+    """docs (covid_ct_seg README): volumetric inference refuses a volume that is not axial (> 30° tilt). The
+    tilted planes are stacked straight head-foot, so the stacking axis alone looks axial; the planes and the
+    GantryDetectorTilt tag say otherwise."""
+    from medpipe.transforms.ct_intensity import check_axial_ct
+
+    files = copy(rider[40:44], tmp_path / "in")
+    tilt_series(files, degrees, geometry)
+    volume = dicom.load_series(tmp_path / "in")
+    with pytest.raises(MedpipeError, match=rf"not an axial volume \(its slices lean {degrees:.0f}° from axial"):
+        check_axial_ct(volume, "tilted")
+    assert volume.meta["gantry_detector_tilt_deg"] == degrees
+
+
+def test_gantry_tilt_within_30_degrees_is_axial_and_noted(rider: list[Path], tmp_path: Path) -> None:
+    from medpipe.io import ct
+    from medpipe.transforms.ct_intensity import check_axial_ct
+
+    files = copy(rider[40:44], tmp_path / "in")
+    tilt_series(files, 20.0)
+    layout = dicom.check_series(dicom.find_series(tmp_path / "in").series[0])
+    assert any("sheared 20.0° (gantry tilt)" in w for w in layout.warnings)
+    volume = dicom.load_series(layout)
+    assert ct.slice_tilt_deg(volume.affine) == pytest.approx(20.0, abs=1e-3)
+    check_axial_ct(volume, "tilted")  # within the limit: segmented

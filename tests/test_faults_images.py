@@ -74,3 +74,60 @@ def test_dicom_window_is_applied_to_rescaled_values(tmp_path: Path) -> None:
     air, tissue = hu < -160, (hu > 0) & (hu < 80)  # below the window, inside it
     assert out[air].max() == 0.0  # stored values of air (~0) would sit mid-window if the window saw them raw
     assert 0.3 < float(np.median(out[tissue])) < 0.7
+
+
+# ------------------------------- outside probe: inverse LUT shape, EXIF orientation, palette colour (item 20)
+
+
+def ct_small_copy(tmp_path: Path, name: str, **attrs: object) -> Path:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    ds.save_as(tmp_path / name)
+    return tmp_path / name
+
+
+def test_presentation_lut_shape_inverse_inverts_once(tmp_path: Path) -> None:
+    """INVERSE shows the image inverted, as a viewer does; with MONOCHROME1 (its required companion in DX) the two
+    ask for the same single inversion."""
+    plain = load_grey_2d(ct_small_copy(tmp_path, "plain.dcm"))
+    inverse = load_grey_2d(ct_small_copy(tmp_path, "inverse.dcm", PresentationLUTShape="INVERSE"))
+    identity = load_grey_2d(ct_small_copy(tmp_path, "identity.dcm", PresentationLUTShape="IDENTITY"))
+    mono1 = load_grey_2d(ct_small_copy(tmp_path, "m1.dcm", PhotometricInterpretation="MONOCHROME1",
+                                       PresentationLUTShape="INVERSE"))  # fmt: skip
+    np.testing.assert_allclose(inverse, 1.0 - plain, atol=1e-6)
+    np.testing.assert_array_equal(identity, plain)
+    np.testing.assert_allclose(mono1, 1.0 - plain, atol=1e-6)
+
+
+def test_jpeg_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """Orientation 6: the stored pixels are shown turned 90° clockwise, so the stored top rows end up on the right."""
+    stored = np.zeros((40, 64), np.uint8)
+    stored[:10] = 255  # bright top band as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    out = load_grey_2d(tmp_path / "phone.jpg")
+    assert out.shape == (64, 40)
+    assert out[:, -10:].mean() > 0.9 and out[:, :-10].mean() < 0.1
+
+
+def test_palette_colour_dicom_is_read_through_its_palette(tmp_path: Path) -> None:
+    """PALETTE COLOR pixels are indices: the grey image is the palette's colours, not the indices."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    index = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))  # a left-to-right ramp of indices
+    ds.Rows, ds.Columns = index.shape
+    ds.PixelData = index.tobytes()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PhotometricInterpretation, ds.SamplesPerPixel = "PALETTE COLOR", 1
+    for tag in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        if tag in ds:
+            del ds[tag]
+    lut = (65535 - np.arange(256) * 257).astype("<u2")  # a reversing grey palette: index 0 is white
+    for colour in ("Red", "Green", "Blue"):
+        ds.add_new(f"{colour}PaletteColorLookupTableDescriptor", "US", [256, 0, 16])
+        ds.add_new(f"{colour}PaletteColorLookupTableData", "OW", lut.tobytes())
+    ds.save_as(tmp_path / "palette.dcm")
+    out = load_grey_2d(tmp_path / "palette.dcm")
+    expected = 1.0 - index.astype(np.float32) / index.max()
+    np.testing.assert_allclose(out, expected, atol=1e-3)

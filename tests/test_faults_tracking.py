@@ -258,3 +258,88 @@ def test_malformed_tracking_uri_is_one_line(
     assert expected in err[0]
     assert "htp:/x/mlflow.db" not in err[0]  # the old answer: a sqlite store inside a folder called 'htp:'
     assert not (tmp_path / "models").exists()
+
+
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    """A store that answers /health at once and every other call one byte a second (a crawling proxy or server):
+    each socket read gets its byte well within MLflow's timeout, so only a deadline per call ends the wait."""
+
+    protocol_version = "HTTP/1.1"
+    body = b"trickled, never a valid answer."  # 31 bytes: 31 s a call without a deadline, then a parse error
+    started: list[str] = []
+    finished: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.startswith("/health"):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+            return
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))  # the request's body, before answering
+        type(self).started.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        try:
+            for i in range(len(self.body)):
+                self.wfile.write(self.body[i : i + 1])
+                self.wfile.flush()
+                time.sleep(1.0)
+        except OSError:  # the client hung up
+            return
+        type(self).finished.append(self.path)
+
+    do_POST = do_GET  # noqa: N815
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def trickling_store() -> str:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    server.daemon_threads = True
+    _Trickle.started, _Trickle.finished = [], []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_trickling_store_is_lost_at_the_call_deadline(
+    trickling_store: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After start-up, a call the store answers one byte a second ends at its wall-time deadline like a lost store:
+    one warning, None to the training, and no later call touches the store."""
+    from mlflow import MlflowClient
+
+    import medpipe.tracking.client as client_module
+
+    monkeypatch.setattr(client_module, "CALL_DEADLINE_S", 2.0, raising=False)
+    guard = GuardedClient(MlflowClient(trickling_store), trickling_store)
+    guard.arm("0123456789abcdef")
+    assert guard.set_tag("0123456789abcdef", "k", "v") is None
+    assert _Trickle.started and not _Trickle.finished  # given up while the store was still answering
+    assert guard.lost and "no complete answer within 2 s" in guard.lost
+    assert guard.log_batch("0123456789abcdef", metrics=[]) is None and guard.skipped_calls == 1
+    assert len(_Trickle.started) == 1
+    lost = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tracking lost:")]
+    assert len(lost) == 1 and "training continues" in lost[0]
+
+
+def test_a_trickling_store_at_start_up_is_one_line(
+    trickling_store: str, synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """Its /health answers, so the preflight passes; the first real call meets the deadline: one line, exit 2,
+    and no model written."""
+    import medpipe.tracking.client as client_module
+
+    monkeypatch.setattr(client_module, "CALL_DEADLINE_S", 2.0, raising=False)
+    argv = ["run", "brain_tumor_cls", "train", "--mlflow", "true", "--tracking_uri", trickling_store, "--dataset_dir",
+            str(synthetic), "--ckpt_dir", str(tmp_path / "models"), "--epochs", "1", "--image_size", "32"]  # fmt: skip
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("medpipe error:")]
+    assert len(err) == 1 and "could not start" in err[0] and "no complete answer within 2 s" in err[0], err
+    assert not _Trickle.finished and not (tmp_path / "models" / "model.pt").exists()

@@ -42,7 +42,8 @@ def test_guard_flags_a_ct_slice_given_to_the_brain_bundle_and_passes_a_brain_ima
     with caplog.at_level(logging.WARNING, logger="medpipe.inference.input_guard"):
         modality, verdict = guard.check(ct)
     assert modality == "ct" and verdict.startswith("input looks like a CT slice") and "not a brain MRI" in verdict
-    assert [r.getMessage() for r in caplog.records] == [f"{ct}: {verdict}"]  # one line per flagged case
+    flags = [r.getMessage() for r in caplog.records if r.name == "medpipe.inference.input_guard"]
+    assert flags == [f"{ct}: {verdict}"]  # one line per flagged case (a first-use fit may log its DICOM reading)
     assert guard.check(brain) == ("brain_mri", OK)
     assert InputGuard("ct").check(ct) == ("ct", OK)
 
@@ -120,3 +121,62 @@ def test_unfitted_guard_without_data_is_one_line(tmp_path: Path, monkeypatch: py
     with pytest.raises(MedpipeError, match="not fitted yet.*medpipe guard fit.*--input_guard false"):
         InputGuard("ct")
     assert not (tmp_path / "empty_cache" / "input_guard.npz").exists()
+
+
+# ------------------------------------------------- the CT route: every real CT series passes, other modalities do not
+
+
+def test_every_real_ct_series_passes_the_ct_route_guard() -> None:
+    """Each real CT series in the shared data (DICOM from four scanners, as the CT route renders them, and each
+    development volume group and the infnet crops as image files) is judged CT by the route's per-series verdict
+    (benchmarks/guard_false_alarms.py prints the per-slice table)."""
+    from medpipe.inference.guard_fit import CT_VOLUME_SERIES, _route_planes
+    from medpipe.inference.input_guard import central_slices, file_features
+
+    root = Path(real_dataset("covid_ct_seg")).parent
+    guard = InputGuard("ct", log_flags=False)
+    series = [name for name in CT_VOLUME_SERIES if (root / name).is_dir()]
+    assert len(series) == len(CT_VOLUME_SERIES), series
+    for name in series:
+        assert guard.check_volume(_route_planes(str(root / name)), name)[1] == OK, name
+    groups: dict[str, list[str]] = {}
+    for item in json.loads((root / "covid_ct_seg" / "datalist.json").read_text())["training"]:
+        groups.setdefault(item["volume_group"], []).append(str(root / "covid_ct_seg" / item["image"]))
+    groups["extra_medseg_infnet"] = sorted(str(p) for p in (root / "covid_ct_seg/extra_medseg_infnet/images").iterdir())
+    for group, files in groups.items():  # the route's rule: mean probabilities of central slices
+        picked = [sorted(files)[i] for i in central_slices(len(files))]
+        probs = guard.model.probabilities(np.stack([file_features(f) for f in picked])).mean(axis=0)
+        assert probs[guard.model.classes.index("ct")] >= 0.5, (group, probs)
+
+
+@pytest.mark.parametrize("modality", ["brain_mri", "chest_xray"])
+def test_a_brain_mri_or_chest_xray_sent_to_the_ct_route_is_flagged(modality: str) -> None:
+    """A held-out brain MRI or chest X-ray, stacked into an HU-ranged volume (so it passes the axial / HU checks),
+    is flagged by the CT route's per-series verdict."""
+    from medpipe.inference.guard_fit import _cxr
+    from medpipe.inference.input_guard import ct_route_planes
+    from medpipe.io.dicom import Volume
+    from medpipe.io.images import load_grey_2d
+
+    if modality == "brain_mri":
+        path = _held_out_brain_image()
+    else:
+        root = Path(real_dataset("covid_cxr")).parent
+        path = next(p for p, patient in sorted(_cxr(root)) if _held_out(patient))
+    grey = load_grey_2d(path)
+    # columns, rows, slices as a DICOM series stores them (x to the patient's left, y to the back: upright on screen)
+    volume = Volume(np.repeat((grey.T * 2000.0 - 1000.0)[..., None], 8, axis=2), np.diag([-0.7, -0.7, 5.0, 1.0]))
+    likely, verdict = InputGuard("ct", log_flags=False).check_volume(ct_route_planes(volume), "wrong")
+    assert verdict != OK and "not a CT slice" in verdict, (likely, verdict)
+
+
+def test_a_cached_fit_of_an_older_recipe_is_not_used(tmp_path: Path) -> None:
+    from medpipe.inference.input_guard import GUARD_RECIPE, _current_recipe
+
+    rng = np.random.default_rng(0)
+    model = ModalityModel(["brain_mri", "chest_xray", "ct"], rng.random(5), rng.random(5) + 1, rng.normal(size=(3, 5)),
+                          rng.normal(size=3))  # fmt: skip
+    model.save(tmp_path / "old.npz", command="medpipe guard fit")
+    model.save(tmp_path / "new.npz", command="medpipe guard fit", recipe=GUARD_RECIPE)
+    assert not _current_recipe(tmp_path / "old.npz") and not _current_recipe(tmp_path / "missing.npz")
+    assert _current_recipe(tmp_path / "new.npz")

@@ -232,3 +232,122 @@ def test_intensity_match_prefers_the_training_pngs_own_mapping(tmp_path: Path) -
     result = json.loads(out.read_text())
     assert result["chosen"] == "minmax_slice" and result["development_pngs"] > 1000
     assert result["table"]["minmax_slice"]["mean"] < result["table"]["lung"]["mean"] / 2
+
+
+# ------------------------------------------------- lung components on the real RIDER series (cut by its field of view)
+
+
+@pytest.fixture(scope="module")
+def rider() -> dict[str, np.ndarray | Volume]:
+    """The RIDER series' upper 40 slices (3.2 cm, where both lungs are; fewer voxels keep the tests quick) on its real
+    grid, a reference lung mask by HU (air below -400 HU inside the body, the two largest pieces), the body, and each
+    voxel's patient-right / anterior coordinates (RAS mm, from the series' real affine)."""
+    from scipy import ndimage
+
+    full = ct.load_volume(real_dataset("dicom") / "rider_pilot_chest_ct_0117")
+    axis, first = ct.axial_axis(full.affine), full.array.shape[2] - 40
+    assert axis == 2  # the DICOM array is (column, row, slice)
+    affine = full.affine.copy()
+    affine[:3, 3] += first * full.affine[:3, 2]
+    volume = Volume(np.ascontiguousarray(full.array[:, :, first:]), affine)
+    hu = volume.array
+    tissue, _ = ndimage.label(hu > -400)
+    body = tissue == np.argmax(np.bincount(tissue.ravel())[1:]) + 1
+    body = np.moveaxis(np.stack([ndimage.binary_fill_holes(p) for p in np.moveaxis(body, axis, 0)]), 0, axis)
+    air, _ = ndimage.label((hu < -400) & body)
+    sizes = np.bincount(air.ravel())
+    sizes[0] = 0
+    lung = np.isin(air, np.argsort(sizes)[-2:]).astype(np.uint8)
+    grid = np.ogrid[tuple(slice(0, n) for n in hu.shape)]
+    ras = [sum(volume.affine[row, i] * g for i, g in enumerate(grid)) + volume.affine[row, 3] for row in (0, 1)]
+    midline = float(np.median(np.broadcast_to(ras[0], hu.shape)[body]))
+    return {"volume": volume, "lung": lung, "body": body, "right": ras[0] > midline, "anterior": ras[1]}
+
+
+def _halves_ml(mask: np.ndarray, rider: dict) -> tuple[float, float]:
+    """Lung volume (mL) in the patient's right and left halves."""
+    lung, right, voxel = mask >= 1, np.broadcast_to(rider["right"], mask.shape), ct.voxel_ml(rider["volume"].affine)
+    return float((lung & right).sum() * voxel), float((lung & ~right).sum() * voxel)
+
+
+def test_rider_right_lung_cut_by_the_field_of_view_survives_post_processing(
+    rider: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RIDER's 33 cm reconstruction cuts the chest: its right lung comes within 2 voxels of the image edge. A model
+    whose lung boundary is one 256² pixel (1.3 mm) wide of the HU reference reaches the edge; the whole right lung
+    must still be kept (it was dropped as "touching the edge": 0 mL right, 1252 mL left, the probe's symptom)."""
+    from scipy import ndimage
+
+    from medpipe.inference import ct_volume
+
+    volume, lung = rider["volume"], rider["lung"]
+    planes = ct.display_slices(lung.astype(np.float32), volume.affine, size=256) > 0.5  # the model's grid and view
+    planes = np.stack([ndimage.binary_dilation(p) for p in planes])
+    probs = np.stack([~planes, planes], axis=1).astype(np.float32)
+    monkeypatch.setattr(ct_volume, "predict_slices", lambda *args, **kwargs: probs)
+    monkeypatch.setattr(ct_volume, "ct_to_model_slices", lambda *args, **kwargs: None)  # unused by the stand-in
+    mask = VolumeSegmenter(torch.nn.Identity(), 256, window="minmax_slice").segment(volume, "rider")
+
+    predicted = ct.reassemble(list(probs), volume.array.shape, volume.affine)
+    assert predicted[0].any()  # the prediction touches the image edge (patient right)
+    right_ref, left_ref = _halves_ml(lung, rider)
+    assert right_ref > 300 and left_ref > 300  # both lungs are in the reference
+    right, left = _halves_ml(mask, rider)
+    right_pred, left_pred = _halves_ml(predicted, rider)
+    assert right >= 0.99 * right_pred and left >= 0.99 * left_pred, (right, left, right_pred, left_pred)
+    assert not (mask[volume.array < -1500] >= 1).any()  # no lung on the padding outside the field of view
+
+
+def _largest(binary: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(binary)
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+
+
+def test_rider_air_and_table_pieces_touching_the_edge_are_still_dropped(rider: dict) -> None:
+    """Lung labels in the air in front of the patient and in the table behind (both in the field of view, touching
+    the image edge) are dropped and both real lungs kept whole; also when the two lungs join into one component, so
+    that by size the table piece would take the second place."""
+    from scipy import ndimage
+
+    from medpipe.inference.ct_volume import keep_lung_components
+
+    volume, lung = rider["volume"], rider["lung"]
+    hu, axis = volume.array, ct.axial_axis(volume.affine)
+    around = (hu > -1500) & ~rider["body"] & ~ndimage.binary_dilation(lung, iterations=3)
+    front = np.broadcast_to(rider["anterior"] > np.median(np.broadcast_to(rider["anterior"], hu.shape)[rider["body"]]),
+                            hu.shape)  # fmt: skip
+    air, table = (_largest(around & front), _largest(around & ~front))
+    voxel = ct.voxel_ml(volume.affine)
+    assert table.sum() * voxel > 300 and air.sum() * voxel > 100  # as large as a lung's part of these slices
+    for piece in (air, table):  # each touches the image's in-plane edge
+        planes = np.moveaxis(piece, axis, -1)
+        assert planes[0].any() or planes[-1].any() or planes[:, 0].any() or planes[:, -1].any()
+    mask = (lung.astype(bool) | air | table).astype(np.uint8)
+    kept = keep_lung_components(mask, 2, hu, axis)
+    assert not kept[air | table].any()
+    np.testing.assert_array_equal(kept, lung)
+
+    joined = lung.copy()  # a one-voxel bridge across the mediastinum on the top slice joins the lungs
+    columns = np.flatnonzero(lung[:, 256, -1])
+    gap = columns[np.argmax(np.diff(columns))], columns[np.argmax(np.diff(columns)) + 1]
+    joined[gap[0] : gap[1], 256, -1] = 1
+    assert ndimage.label(joined)[1] == 1
+    kept = keep_lung_components((joined.astype(bool) | air | table).astype(np.uint8), 2, hu, axis)
+    np.testing.assert_array_equal(kept, joined)
+
+
+def test_mask_only_fallback_takes_the_edge_in_plane_whatever_the_slice_axis() -> None:
+    """Without the image, components touching the in-plane edge are dropped; a lung touching the first or last
+    slice (scans often start or end inside the lung) is not, whichever array axis holds the slices."""
+    from medpipe.inference.ct_volume import keep_lung_components
+
+    mask = np.zeros((5, 40, 40), dtype=np.uint8)  # slices on axis 0
+    mask[:, 5:15, 5:35] = 1  # a lung through every slice, first and last included
+    mask[:, 25:35, 5:35] = 1
+    mask[:, 0:3, :] = 1  # air along the in-plane edge
+    kept = keep_lung_components(mask, 2, axis=0)
+    assert kept[:, 0:3].sum() == 0
+    np.testing.assert_array_equal(kept[:, 5:35], mask[:, 5:35])
+    np.testing.assert_array_equal(keep_lung_components(np.moveaxis(mask, 0, 2), 2), np.moveaxis(kept, 0, 2))

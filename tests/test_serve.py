@@ -132,7 +132,7 @@ class RunningNode:
         self.node = Node(load_settings(routing, **overrides))
         self.thread = threading.Thread(target=self.node.serve_forever, daemon=True)
         self.thread.start()
-        deadline = time.time() + 10
+        deadline = time.time() + 120  # loading the routes' models (and a first fit of the input guard) takes a while
         while self.node.scp.server is None and time.time() < deadline:
             time.sleep(0.05)
 
@@ -313,7 +313,7 @@ def test_sigkill_after_receiving_resumes_and_delivers_once(
     server = subprocess.Popen([sys.executable, "-m", "medpipe", "serve", str(routing), "--quiet_seconds", "600"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 180  # a first fit of the input guard may be part of the start
         while not _listening(pacs.medpipe_port):
             assert server.poll() is None and time.time() < deadline, "medpipe serve did not start listening"
             time.sleep(0.2)
@@ -488,13 +488,14 @@ def test_queue_processes_a_series_once_and_resumes_running_jobs(tmp_path: Path) 
     assert queue.collect_quiet_series(0.0)[0][0] is None
     queue.add_instance({**meta, "sop_instance_uid": "1.2.3.2"}, tmp_path / "x")  # part of it again
     assert queue.collect_quiet_series(0.0)[0][0] is None
-    queue.add_instance({**meta, "sop_instance_uid": "1.2.3.3"}, tmp_path / "y")  # a new instance: a new job
-    assert queue.collect_quiet_series(0.0)[0][0] == 2
+    queue.add_instance({**meta, "sop_instance_uid": "1.2.3.3"}, tmp_path / "y")  # a new instance: the whole series
+    assert queue.collect_quiet_series(0.0)[0][0] == 2  # again, replacing job 1 (never a one-instance job)
+    assert queue.get(2).n_instances == 3 and queue.get(1).state == "superseded"
     job = queue.claim_next()
-    assert job is not None and job.state == "running" and job.attempts == 1
+    assert job is not None and job.id == 2 and job.state == "running" and job.attempts == 1
     queue.close()
     queue = JobQueue(tmp_path / "q.sqlite")  # as after a SIGKILL
-    assert queue.recover(max_attempts=2) == 1 and queue.get(1).state == "received"
-    assert queue.claim_next().id == 1
-    assert queue.recover(max_attempts=2) == 1 and queue.get(1).state == "failed"
-    assert "interrupted 2 times" in queue.get(1).reason
+    assert queue.recover(max_attempts=2) == 1 and queue.get(2).state == "received"
+    assert queue.claim_next().id == 2
+    assert queue.recover(max_attempts=2) == 1 and queue.get(2).state == "failed"
+    assert "interrupted 2 times" in queue.get(2).reason

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medpipe.bundle.parameters import apply_to_running_config, coerce_values, declared_parameters
+from medpipe.bundle.parameters import _running_config, apply_to_running_config, coerce_values, declared_parameters
 from medpipe.errors import MedpipeError, install_excepthook
 
 logger = logging.getLogger(__name__)
@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 # arguments of `monai.bundle run` itself, which are not config ids
 RUN_ARGS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
 CONFIGS = {"train": ["train"], "evaluate": ["train", "evaluate"], "inference": ["train", "inference"]}
+# a job's run id -> the key of the folder it writes, as the command line names it
+JOB_OUTPUTS = {"training": "ckpt_dir", "evaluating": "output_dir", "inferring": "output_dir"}
 
 
 
@@ -68,7 +70,8 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     """The configs' first `initialize` step: one-line errors, known override keys, typed parameter values.
 
     Installs the one-line error hook; refuses `python -m monai.bundle run …` override keys that no config defines; then
-    coerces the declared parameters of the running config (`'false'` → False, `'3'` → 3) or refuses them in one line.
+    coerces the declared parameters of the running config (`'false'` → False, `'3'` → 3) or refuses them in one line;
+    last, refuses an output folder the job cannot write (read-only, a file in the way) before any data is read.
     """
     install_excepthook()
     argv = sys.argv if argv is None else argv
@@ -78,6 +81,28 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
             keys = [t[2:].split("=", 1)[0] for t in argv[1:] if t.startswith("--")]
             check_override_keys(_as_file_list(config_file), keys)
     apply_to_running_config()
+    check_output_folder()
+
+
+def check_output_folder() -> str | None:
+    """The running job's output folder (training: ckpt_dir; evaluate, inference: output_dir) takes files, or one
+    line (medpipe.files.check_writable_dir: nothing is created); returns the folder checked. Outside a running
+    workflow, or for a run id that is none of the jobs, this does nothing."""
+    from medpipe.files import check_writable_dir
+
+    workflow, parser, resolver = _running_config()
+    if workflow is None or parser is None or resolver is None:
+        return None
+    job = getattr(workflow, "run_id", None)
+    if job not in JOB_OUTPUTS:  # `run`: the job whose steps it holds ("%inferring", or their resolved copy)
+        target = parser.config.get(job)
+        job = next((j for j in JOB_OUTPUTS if j in parser.config and target in (f"%{j}", parser.config[j])), None)
+    key = JOB_OUTPUTS.get(job or "")
+    if key is None or key not in parser.config:
+        return None
+    folder = str(resolver.get_resolved_content(key))
+    check_writable_dir(folder, f"--{key}")
+    return folder
 
 
 def require_file(path: str, what: str, hint: str = "") -> str:

@@ -53,7 +53,9 @@ def train_job_handlers(
     if resume:
         handlers.append(ResumeTraining(path=resume_path, model=network, state=state, map_location=device))
     if is_main_rank():
-        handlers.append(TrainingCheckpoint(ckpt_dir=ckpt_dir, model=network, state=state, trained_on=trained_on))
+        handlers.append(
+            TrainingCheckpoint(ckpt_dir=ckpt_dir, model=network, state=state, trained_on=trained_on, resume=resume)
+        )
         if mlflow:
             extra = {"validator": validator, "optimizer": optimizer, "network": network, "resume": resume}
             handlers.append(_tracker("train", tracking, plots=["learning_curves"], **extra))

@@ -29,6 +29,7 @@ VERBS: dict[str, str] = {
     "export": "medpipe.cli.commands:export_command",
     "serve": "medpipe.cli.commands:serve_command",
     "pull": "medpipe.cli.commands:pull_command",
+    "viewer": "medpipe.cli.commands:viewer_command",
     "cards": "medpipe.cli.commands:cards_command",
     "calibrate": "medpipe.cli.commands:calibrate_command",
     "guard": "medpipe.cli.commands:guard_command",

@@ -21,12 +21,14 @@ def ingest_command(
     on_gap: str = "error",
     skip_invalid: bool = False,
     date_shift_days: int | None = None,
+    allow_burned_in: bool = False,
 ) -> None:
     """Convert every DICOM series under DICOM_DIR to NIfTI (RAS affine) + de-identified JSON sidecar in OUT_DIR.
 
     --on_gap error|warn: a series with missing slices fails (default) or is written with the gap filled.
     --skip_invalid: leave invalid series out (listed in the summary) instead of failing.
     --date_shift_days N: keep the study date shifted by N days in the sidecar (default: dates removed).
+    --allow_burned_in: ingest series with BurnedInAnnotation YES (refused by default), recorded in their sidecars.
     """
     from medpipe.io.ingest import format_summary, ingest
     from medpipe.values import flag
@@ -35,7 +37,11 @@ def ingest_command(
         skip = flag(skip_invalid)  # fire passes `--skip_invalid false` as the string 'false'
     except MedpipeError as exc:
         raise MedpipeError(f"--skip_invalid: {exc}") from exc
-    summary = ingest(str(dicom_dir), str(out_dir), str(on_gap), skip, date_shift_days)
+    try:
+        burned_in = flag(allow_burned_in)
+    except MedpipeError as exc:
+        raise MedpipeError(f"--allow_burned_in: {exc}") from exc
+    summary = ingest(str(dicom_dir), str(out_dir), str(on_gap), skip, date_shift_days, burned_in)
     print(format_summary(summary))
 
 
@@ -200,9 +206,10 @@ def serve_command(
 
 
 def pull_command(study_uid: str, routing: str, source: str, work_dir: str | None = None) -> None:
-    """medpipe pull STUDY_UID ROUTING_FILE --source AE@HOST:PORT [--work_dir DIR]
+    """medpipe pull STUDY_UID ROUTING_FILE --source AE@HOST:PORT|dicomweb+http://HOST:PORT/PATH [--work_dir DIR]
 
-    Fetch a study by C-GET from a PACS into the node's queue (the running `medpipe serve` processes it).
+    Fetch a study into the node's queue (the running `medpipe serve` processes it): by C-GET from a DICOM peer, or by
+    QIDO-RS + WADO-RS from a DICOMweb service (credentials: the routing file's destination with the same URL).
     """
     from medpipe.serve.pull import parse_peer, pull_study
     from medpipe.serve.routing import load_settings
@@ -210,6 +217,43 @@ def pull_command(study_uid: str, routing: str, source: str, work_dir: str | None
     settings = load_settings(routing, work_dir=work_dir)
     count = pull_study(settings, parse_peer(source), str(study_uid))
     print(f"pulled {count} instance(s) of study {study_uid} into {settings.work_dir}")
+
+
+def viewer_command(routing: str, port: int = 3000, orthanc_port: int = 8042, work_dir: str | None = None) -> None:
+    """medpipe viewer ROUTING_FILE [--port 3000] [--orthanc_port 8042] [--work_dir DIR]
+    medpipe viewer install
+
+    Start, on 127.0.0.1 only, Orthanc (DICOMweb on) as the routing file's destination, the node, and the OHIF
+    viewer over Orthanc's /dicom-web/; print the viewer's URL and run until SIGTERM / Ctrl-C (docs/viewer.md).
+    `install` only fetches the pinned OHIF release with npm into the cache folder.
+    """
+    import logging
+    import signal
+    import threading
+
+    from medpipe.viewer.ohif import install_ohif
+
+    if routing == "install":
+        print(f"OHIF in {install_ohif()}")
+        return
+    from medpipe.serve.routing import load_settings
+    from medpipe.viewer.stack import ViewerStack
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = ViewerStack(load_settings(routing, work_dir=work_dir), orthanc_http_port=int(orthanc_port), port=int(port))
+    try:
+        settings = stack.settings
+        print(f"Orthanc {stack.orthanc.url} (DICOM {settings.destination.ae_title}@127.0.0.1:"
+              f"{settings.destination.port}), node {settings.ae_title}@127.0.0.1:{settings.port}", flush=True)
+        print(f"viewer: {stack.url}", flush=True)
+        while not stop.wait(1.0):
+            if not stack.node_thread.is_alive():
+                raise stack.node_error or MedpipeError("the node stopped")
+    finally:
+        stack.stop()
 
 
 def export_command(
@@ -260,6 +304,9 @@ def demo_command(out: str = "results/demo", network: str = "paper_cnn", epochs: 
         source = "SYNTHETIC DATA (MEDPIPE_DATA/brain_mri_yes_no not found): these numbers say nothing about MRI"
         print(f"{BANNER}\n!! {source}\n!! generated in {dataset}\n{BANNER}")
     common = {"dataset_dir": str(dataset), "ckpt_dir": str(out_dir / "models"), "fold": 0}
+    # the demo's folder is its own: a rerun (`make main` again) replaces its model, which training alone refuses
+    for old in ("model.pt", "last.pt", "model.trained_on.json"):
+        (out_dir / "models" / old).unlink(missing_ok=True)
     if epochs is not None:
         common["epochs"] = epochs
     bundle = find_bundle("brain_tumor_cls")

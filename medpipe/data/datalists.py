@@ -21,6 +21,7 @@ from medpipe.data.duplicates import find_copies
 from medpipe.data.splits import _shuffled_by, apply_splits, check_fold, fold_indices, split_items
 from medpipe.errors import MedpipeError
 from medpipe.io.images import IMAGE_SUFFIXES, is_image_file
+from medpipe.values import path_list
 
 logger = logging.getLogger(__name__)
 GROUP_COLUMNS = ("near_duplicate_group", "group", "patient_id", "volume_group")
@@ -38,6 +39,26 @@ def data_root() -> Path:
 def dataset_dir(name: str) -> str:
     """`$MEDPIPE_DATA/<name>`; the bundle configs' default `dataset_dir`."""
     return str(data_root() / name)
+
+
+def files_under(folder: str | Path) -> list[Path]:
+    """Every file under `folder` (names starting with '.' left out), sorted, symlinked sub-folders followed as a
+    user expects (`Path.rglob` skips them without a word). A folder reached a second time, through a link cycle or
+    a second link to it, is read once and the skipped link logged: its images must not count twice."""
+    folder = Path(folder)
+    seen, found = {os.path.realpath(folder)}, []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real in seen:
+                logger.warning(f"skipped '{os.path.join(dirpath, name)}': it leads to '{real}', which is read once")
+                continue
+            seen.add(real)
+            kept.append(name)
+        dirnames[:] = kept
+        found += [Path(dirpath) / name for name in filenames if not name.startswith(".")]
+    return sorted(p for p in found if p.is_file())
 
 
 def _read_manifest_groups(root: Path, class_names: Sequence[str], split_mode: str = "group") -> dict[str, str]:
@@ -98,7 +119,7 @@ def scan_class_folders(
     groups = _read_manifest_groups(root, class_names, split_mode)
     items: list[dict[str, Any]] = []
     for label, class_name in enumerate(class_names):
-        files = sorted(p for p in (root / class_name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = files_under(root / class_name)
         if not files:
             raise MedpipeError(f"class folder '{root / class_name}' is empty")
         for path in files:
@@ -138,10 +159,9 @@ def inference_items(inputs: str | Path | Sequence[str | Path]) -> list[dict[str,
 
     Files in a folder that are not supported images are skipped with a warning that gives their count."""
     paths: list[Path] = []
-    for entry in [inputs] if isinstance(inputs, (str, Path)) else list(inputs):
-        entry = Path(entry)
+    for entry in map(Path, path_list(inputs)):  # a folder named 123 reaches here as the number 123
         if entry.is_dir():
-            files = sorted(p for p in entry.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files = files_under(entry)
             skipped = [p for p in files if not is_image_file(p)]
             if skipped:
                 logger.warning(f"skipped {len(skipped)} file(s) in '{entry}' that are not supported images "

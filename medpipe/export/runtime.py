@@ -8,6 +8,7 @@ sidecar and was made from that checkpoint. Tools that need gradients (Grad-CAM) 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,25 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_tensor() if hasattr(x, "as_tensor") else x  # MONAI MetaTensor -> torch.Tensor
 
 
+def _check_shape(path: Path, expected: Sequence[int | None] | None, x: torch.Tensor) -> None:
+    """One line when `x` (N, C, H, W …) has another channel count or image size than the export was made for: a
+    classifier exported at 64 px has a fixed input size (only segmentation exports take any size)."""
+    got = list(x.shape[1:])
+    if expected is None or len(expected) != len(got):
+        return
+    if all(e is None or e == g for e, g in zip(expected, got, strict=True)):
+        return
+
+    def size(dims: Sequence[int | None]) -> str:
+        return "x".join("any" if d is None else str(d) for d in dims)
+
+    raise MedpipeError(
+        f"export '{path}' takes {expected[0]}-channel {size(expected[1:])} inputs, this run gives {got[0]}-channel "
+        f"{size(got[1:])} ones: run with the --image_size (and channels) it was exported with, or export again "
+        f"with this run's settings (medpipe export … --image_size {got[-1]})"
+    )
+
+
 class OnnxRuntimeNetwork(nn.Module):
     """An ONNX Runtime CPU session that takes and returns torch tensors like the network it was exported from."""
 
@@ -45,8 +65,11 @@ class OnnxRuntimeNetwork(nn.Module):
         self.path, self.threads = Path(path), options.intra_op_num_threads
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        # fixed (int) and dynamic (named) axes after the batch axis, as the graph declares them
+        self.expected = [d if isinstance(d, int) else None for d in self.session.get_inputs()[0].shape[1:]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_shape(self.path, self.expected, x)
         array = _plain(x).detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0]).to(x.device)
 
@@ -57,13 +80,26 @@ class OnnxRuntimeNetwork(nn.Module):
 class TorchScriptNetwork(nn.Module):
     """A loaded TorchScript module that accepts MONAI MetaTensors (scripted code takes plain tensors only)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, expected: Sequence[int | None] | None = None) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path, self.expected = Path(path), list(expected) if expected is not None else None
         self.module = torch.jit.load(str(path), map_location="cpu").eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_shape(self.path, self.expected, x)
         return self.module(_plain(x))
+
+
+def _exported_input(record: dict[str, Any]) -> list[int | None] | None:
+    """(C, H, W …) a TorchScript export takes, from its sidecar: the channels it was verified with; the image size
+    too when it was traced for a classifier (tracing bakes the verified size in; a scripted module takes any)."""
+    verified = record.get("verified") or {}
+    shapes = verified.get("checked_shapes")
+    if not shapes:
+        return None
+    channels, spatial = int(shapes[0][1]), [int(s) for s in shapes[0][2:]]
+    fixed = verified.get("method") == "trace" and not record.get("segmentation")
+    return [channels, *(spatial if fixed else [None] * len(spatial))]
 
 
 def _bundle_hint(ckpt: Path) -> str:
@@ -96,7 +132,10 @@ def runtime_network(network: nn.Module, runtime: str = "torch", ckpt_path: str |
         raise MedpipeError(f"runtime '{runtime}' needs the checkpoint path whose export it runs (ckpt_path)")
     path = export_path(ckpt_path, *spec)
     record = verify_export(path, ckpt_path, export_command(runtime, ckpt_path))
-    exported: nn.Module = OnnxRuntimeNetwork(path) if spec[0] == "onnx" else TorchScriptNetwork(path)
+    if spec[0] == "onnx":
+        exported: nn.Module = OnnxRuntimeNetwork(path)
+    else:
+        exported = TorchScriptNetwork(path, _exported_input(record))
     device = next(iter(network.parameters()), torch.empty(0)).device
     logger.info(f"runtime {runtime}: {path} (sha256 verified; exported with torch {record['versions'].get('torch')})")
     return exported.to(device) if spec[0] == "torchscript" else exported

@@ -28,13 +28,19 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from medpipe.errors import MedpipeError
-from medpipe.files import atomic_write_text, staged_outputs
-from medpipe.inference.input_guard import OK
+from medpipe.files import atomic_write_text, distinct_names, staged_outputs
+from medpipe.inference.input_guard import OK, ct_route_planes
 from medpipe.io import ct, dicom_seg
 from medpipe.io.dicom import Volume
 from medpipe.transforms.ct_intensity import AIR_HU, MINMAX_MODES, check_axial_ct, ct_to_model_slices
-from medpipe.transforms.seg_postprocessing import check_fraction, relabel_small_components
+from medpipe.transforms.seg_postprocessing import (
+    PADDING_HU,
+    check_fraction,
+    patient_region,
+    relabel_small_components,
+)
 from medpipe.transforms.slice_context import check_context_slices, stack_context
+from medpipe.values import path_list
 
 logger = logging.getLogger(__name__)
 
@@ -69,26 +75,58 @@ def predict_slices(
     return np.concatenate(probs)
 
 
-def keep_lung_components(mask: np.ndarray, keep: int = 2) -> np.ndarray:
-    """Zero lung labels (>= 1) outside the `keep` largest 3-D connected components that do not touch the image's
-    in-plane edge: lungs lie inside the chest, so pieces in the air around the patient or in the table are errors.
+def keep_lung_components(mask: np.ndarray, keep: int = 2, hu: np.ndarray | None = None, axis: int = 2) -> np.ndarray:
+    """Zero lung labels (>= 1) outside the `keep` largest 3-D connected components that lie inside the patient:
+    lungs lie inside the chest, so pieces in the air around the patient or in the table are errors.
+
+    With the volume's `hu` (slices along `axis`), a component is inside when at least half of it lies in the patient's
+    cross-section (seg_postprocessing.patient_region). Touching the image edge is no sign of being outside: a targeted
+    reconstruction (RIDER: 33 cm field of view) cuts the chest, and its lung runs to the edge. Lung labels on the
+    padding outside the field of view (no image there) are zeroed first. Without `hu`, the fallback for masks alone,
+    components touching the in-plane edge (the two axes other than `axis`) count as outside.
     """
     from scipy import ndimage
 
+    if hu is not None:
+        mask = np.where(np.asarray(hu) < PADDING_HU, 0, mask).astype(mask.dtype)
     components, count = ndimage.label(mask >= 1)
     if count == 0:
         return mask
-    edge = np.unique(np.concatenate([
-        components[0].ravel(), components[-1].ravel(), components[:, 0].ravel(), components[:, -1].ravel()
-    ]))  # fmt: skip
     sizes = np.bincount(components.ravel(), minlength=count + 1)
-    sizes[0], sizes[edge] = 0, 0
+    if hu is not None:
+        inside = np.bincount(components[patient_region(hu, axis)], minlength=count + 1)
+        outside = 2 * inside < sizes
+    else:
+        planes = np.moveaxis(components, axis, -1)  # (in-plane, in-plane, slices)
+        edge = np.unique(np.concatenate([
+            planes[0].ravel(), planes[-1].ravel(), planes[:, 0].ravel(), planes[:, -1].ravel()
+        ]))  # fmt: skip
+        outside = np.zeros(count + 1, dtype=bool)
+        outside[edge] = True
+    sizes[0], sizes[outside] = 0, 0
     kept = [int(i) for i in np.argsort(sizes)[::-1][:keep] if sizes[i] > 0]
     keep_table = np.zeros(count + 1, dtype=bool)  # a lookup per component id: far faster than np.isin on 10^7 voxels
     keep_table[kept] = True
     out = mask.copy()
     out[~keep_table[components]] = 0
     return out
+
+
+def lung_sides_ml(mask: np.ndarray, volume: Volume) -> tuple[float, float]:
+    """Lung (label >= 1) mL on the patient's right and left of the body's midline: the mean RAS x of the voxels
+    above -500 HU (soft tissue and bone), taken per in-plane position (axial volume: voxel axis 2 is the slice axis).
+    A segmentation that finds one lung only shows as one side near zero."""
+    affine = volume.affine
+    body_per_column = (volume.array > -500).sum(axis=2)
+    lung_per_column = (mask >= 1).sum(axis=2)
+    i, j = np.indices(body_per_column.shape)
+    x_ras = affine[0, 0] * i + affine[0, 1] * j + affine[0, 3]  # RAS: +x is the patient's left
+    if body_per_column.sum() == 0:
+        return 0.0, 0.0
+    midline = float((x_ras * body_per_column).sum() / body_per_column.sum())
+    voxel = ct.voxel_ml(affine)
+    right = float(lung_per_column[x_ras < midline].sum()) * voxel
+    return right, float(lung_per_column.sum()) * voxel - right
 
 
 def _write(what: str, write: Callable[[], Path]) -> Path:
@@ -156,22 +194,26 @@ class VolumeSegmenter:
             slices, self.network, self.inferer, self.image_size, self.batch_size, self.context_slices
         )
         mask = ct.reassemble(list(probs), volume.array.shape, volume.affine)
-        mask = keep_lung_components(mask, self.keep_components) if self.keep_components else mask
-        return relabel_small_components(mask, self.min_infection_fraction, axis=ct.axial_axis(volume.affine))
+        axis = ct.axial_axis(volume.affine)
+        mask = keep_lung_components(mask, self.keep_components, volume.array, axis) if self.keep_components else mask
+        return relabel_small_components(mask, self.min_infection_fraction, axis=axis)
 
     def volume_report(self, mask: np.ndarray, volume: Volume) -> dict[str, Any]:
         """Lung (label >= 1) and infection (label 2) volumes in mL and the percent of lung involved."""
         ml = ct.label_volumes_ml(mask, volume.affine, labels=[1, 2])
         lung, infection = ml[1] + ml[2], ml[2]
+        right, left = lung_sides_ml(mask, volume)
         return {
             "lung_volume_ml": round(lung, 2),
+            "lung_right_ml": round(right, 2),
+            "lung_left_ml": round(left, 2),
             "infection_volume_ml": round(infection, 2),
             "infection_percent_of_lung": round(100.0 * infection / lung, 3) if lung > 0 else None,
         }
 
     def __call__(self, inputs: str | Path | Sequence[str | Path], output_dir: str | Path) -> dict[str, Any]:
         """Segment every input (a DICOM series folder or a NIfTI file); write masks and `<output_dir>/report.json`."""
-        paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
+        paths = [Path(p) for p in path_list(inputs)]  # `--input 123` (a folder named 123) arrives as a number
         if not paths:
             raise MedpipeError("no input volumes given: pass --input <DICOM series folder or .nii.gz>")
         out_dir = Path(output_dir)
@@ -183,25 +225,29 @@ class VolumeSegmenter:
             if self.write_dicom_seg and volume.source_files:
                 seg_blockers[path] = dicom_seg.volume_seg_blocker(volume)
         entries = []
+        stems = distinct_names(paths, _stem)  # a/s1 and b/s1 must not write over each other's s1_seg.nii.gz
         with staged_outputs(out_dir, "the segmentation outputs", last=(REPORT,)) as staging:
-            for path, volume in volumes:
-                entries.append(self._segment_and_write(path, volume, staging, seg_blockers.get(path)))
+            for (path, volume), stem in zip(volumes, stems, strict=True):
+                entries.append(self._segment_and_write(path, volume, staging, seg_blockers.get(path), stem))
             atomic_write_text(staging / REPORT, json.dumps(self._report(entries), indent=2))
         return self._report(entries)
 
-    def _segment_and_write(self, path: Path, volume: Volume, out_dir: Path, seg_blocker: str | None) -> dict[str, Any]:
-        """Segment one volume, write its masks (and DICOM-SEG) into `out_dir`; return its report entry."""
-        started, stem = time.perf_counter(), _stem(path)
+    def _segment_and_write(
+        self, path: Path, volume: Volume, out_dir: Path, seg_blocker: str | None, stem: str | None = None
+    ) -> dict[str, Any]:
+        """Segment one volume, write its masks (and DICOM-SEG) into `out_dir` named `<stem>_…`; return its report
+        entry."""
+        started, stem = time.perf_counter(), stem or _stem(path)
         mask = self.segment(volume, str(path))
         files: dict[str, Path] = {}
         for key, values in (("seg", mask), ("lung", mask >= 1), ("infection", mask == 2)):
             target = out_dir / f"{stem}_{key}.nii.gz"
             files[key] = _write(target.name, partial(ct.write_mask_nifti, values, volume.affine, target))
         warnings = []
-        if self.input_guard is not None:  # the middle axial slice in the lung window, as the guard was measured
+        if self.input_guard is not None:  # one verdict per series, from central slices in the lung window
             window = "lung" if self.window in MINMAX_MODES else self.window
-            planes = list(ct.iter_slices(ct.window(volume.array, window), volume.affine, size=self.slice_size))
-            _, guard = self.input_guard.check_image(planes[len(planes) // 2], str(path))
+            planes = ct_route_planes(volume, window, self.slice_size)  # as the guard is fitted on real series
+            _, guard = self.input_guard.check_volume(planes, str(path))
             if guard != OK:
                 warnings.append(guard)
         if self.write_dicom_seg and volume.source_files:
@@ -230,7 +276,7 @@ class VolumeSegmenter:
     def _postprocessing_steps(self) -> list[str]:
         steps = []
         if self.keep_components:
-            steps.append(f"lung labels kept in the {self.keep_components} largest 3-D components off the image edge")
+            steps.append(f"lung labels kept in the {self.keep_components} largest 3-D components inside the patient")
         if self.min_infection_fraction:
             fraction = self.min_infection_fraction
             steps.append(f"infection components under {fraction:g} of an axial slice's area relabelled lung")

@@ -16,7 +16,7 @@ from ignite.engine import Engine, Events
 from monai.utils import ensure_tuple
 from torch import nn
 
-from medpipe.files import atomic_write
+from medpipe.files import atomic_write, distinct_names
 from medpipe.io.images import image_suffix
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,15 @@ def grad_cam(network: nn.Module, images: torch.Tensor, target_layer: str) -> tup
     return maps[:, 0].detach().cpu().numpy(), torch.as_tensor(predicted).reshape(-1).cpu().numpy()
 
 
+def _stem(path: Path) -> str:
+    return path.name[: len(path.name) - len(image_suffix(path.name))]
+
+
 class GradCamWriter:
-    """Ignite handler: after each iteration write `<output_dir>/<image stem>_gradcam_<predicted class>.png`."""
+    """Ignite handler: after each iteration write `<output_dir>/<image stem>_gradcam_<predicted class>.png`.
+
+    Images of the same name in different folders (`a/x.jpg`, `b/x.jpg`) get their folders in the name (`a_x_…`,
+    `b_x_…`, medpipe.files.distinct_names), planned over the whole data set at the start of the run."""
 
     def __init__(
         self, output_dir: str, network: nn.Module, target_layer: str, class_names: Sequence[str],
@@ -56,10 +63,28 @@ class GradCamWriter:
         self.network, self.target_layer = network, target_layer
         self.class_names = list(class_names)
         self.image_key, self.path_key, self.enabled = image_key, path_key, enabled
+        self._names: dict[str, str] = {}  # image path -> the stem of its overlays
 
     def attach(self, engine: Engine) -> None:
         if self.enabled:
+            engine.add_event_handler(Events.STARTED, self._plan_names)
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._write)
+
+    def _plan_names(self, engine: Engine) -> None:
+        """Name every image of the run's data set (a MONAI Dataset's `data`) before the first overlay is written."""
+        items = getattr(getattr(engine.state.dataloader, "dataset", None), "data", None)
+        paths = [str(it[self.path_key]) for it in items or [] if isinstance(it, dict) and self.path_key in it]
+        self._names = dict(zip(paths, distinct_names(paths, _stem), strict=True))
+
+    def _name(self, path: str) -> str:
+        """The planned stem; an image the plan did not list is told apart from every name given so far."""
+        if path not in self._names:
+            known = list(self._names)
+            self._names[path] = distinct_names([*known, path], _stem)[-1]
+            taken = set(list(self._names.values())[:-1])
+            while self._names[path] in taken:
+                self._names[path] += "_"
+        return self._names[path]
 
     def _write(self, engine: Engine) -> None:
         items: list[dict[str, Any]] = list(ensure_tuple(engine.state.batch))
@@ -67,8 +92,7 @@ class GradCamWriter:
         images = torch.stack([torch.as_tensor(it[self.image_key]) for it in items]).to(device)
         maps, predicted = grad_cam(self.network, images, self.target_layer)
         for item, image, heat, cls in zip(items, images, maps, predicted, strict=True):
-            name = Path(str(item[self.path_key])).name
-            stem = name[: len(name) - len(image_suffix(name))]
+            stem = self._name(str(item[self.path_key]))
             path = self.output_dir / f"{stem}_gradcam_{self.class_names[int(cls)]}.png"  # predicted class in the name
             overlay_png(image[0].float().cpu().numpy(), heat, path)
         logger.info(f"wrote {len(items)} Grad-CAM overlays to {self.output_dir}")

@@ -25,12 +25,18 @@ import numpy as np
 from medpipe.errors import MedpipeError
 
 GUARD_FILE_NAME = "input_guard.npz"
+# the fitting recipe (medpipe.inference.guard_fit), stamped in the file: a cached fit of an older recipe is refitted
+# (2: the CT class also holds slices of the real CT series, rendered as the CT route renders them)
+GUARD_RECIPE = "2"
 MODALITIES = {"brain_mri": "a brain MRI", "chest_xray": "a chest X-ray", "ct": "a CT slice"}
 WORK_SIZE = 128
 THUMB = 32
 HIST_BINS = 16
 MIN_PROBABILITY = 0.5  # P(expected modality) below this flags the case
 OK = "ok"
+# a CT volume is judged as one case: the mean probabilities of this many slices spread over its central 20-80 %
+# (where the development slices were cut), so one odd slice (a lung apex, the liver dome) does not decide alone
+GUARD_SLICES = 5
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,27 @@ def file_features(path: str | Path) -> np.ndarray:
     from medpipe.io.images import load_grey_2d
 
     return image_features(load_grey_2d(path))
+
+
+def ct_route_planes(volume: Any, window: str | tuple[float, float] = "lung", size: int = 256) -> np.ndarray:
+    """(N, size, size) axial slices of a CT volume in [0, 1] as the CT route shows them to the guard (and as the guard
+    is fitted on real series): an HU window, display orientation (medpipe.io.ct)."""
+    from medpipe.io import ct
+
+    return ct.display_slices(ct.window(volume.array, window), volume.affine, size=size)
+
+
+def central_slices(count: int, n: int = GUARD_SLICES) -> np.ndarray:
+    """Indices of `n` slices evenly spread over the central 20-80 % of `count` slices (all of them when fewer)."""
+    if count <= n:
+        return np.arange(count)
+    return np.unique(np.rint(np.linspace(0.2 * (count - 1), 0.8 * (count - 1), n)).astype(int))
+
+
+def series_probabilities(model: ModalityModel, features: np.ndarray) -> np.ndarray:
+    """(classes,) probabilities of a series from the (N, F) features of all its slices, in order: the mean over its
+    central_slices."""
+    return model.probabilities(features[central_slices(len(features))]).mean(axis=0)
 
 
 class ModalityModel:
@@ -112,24 +139,41 @@ class ModalityModel:
 
 
 def default_guard_file(fit_if_missing: bool = False) -> Path:
-    """`<cache>/input_guard.npz`; with `fit_if_missing`, fitted there (~10 s, once) from the shared data sets."""
+    """`<cache>/input_guard.npz`; with `fit_if_missing`, fitted there (~30 s, once per GUARD_RECIPE) from the shared
+    data sets."""
     from medpipe.files import cache_dir
 
     path = cache_dir() / GUARD_FILE_NAME
-    if fit_if_missing and not path.is_file():
-        import os
+    if not fit_if_missing or _current_recipe(path):
+        return path
+    import fcntl
+    import os
 
-        from medpipe.inference.guard_fit import fit_guard
+    from medpipe.inference.guard_fit import fit_guard
 
-        root = os.environ.get("MEDPIPE_DATA")
-        if not root or not (Path(root) / "covid_cxr").is_dir():
-            raise MedpipeError(
-                "the wrong-input guard is not fitted yet and MEDPIPE_DATA holds no shared data sets to fit it from: "
-                "set MEDPIPE_DATA and run `medpipe guard fit`, or pass --input_guard false"
-            )
-        log.info(f"fitting the wrong-input guard from {root} into {path} (once)")
-        fit_guard(root, path, measure_held_out=False)
+    root = os.environ.get("MEDPIPE_DATA")
+    if not root or not (Path(root) / "covid_cxr").is_dir():
+        raise MedpipeError(
+            "the wrong-input guard is not fitted yet and MEDPIPE_DATA holds no shared data sets to fit it from: "
+            "set MEDPIPE_DATA and run `medpipe guard fit`, or pass --input_guard false"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # processes starting together (a node's routes, parallel jobs) fit once: the others wait and read that fit
+    with open(path.parent / f"{GUARD_FILE_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _current_recipe(path):
+            log.info(f"fitting the wrong-input guard from {root} into {path} (once)")
+            fit_guard(root, path, measure_held_out=False)
     return path
+
+
+def _current_recipe(path: Path) -> bool:
+    """Whether `path` holds a fit of this GUARD_RECIPE (False when missing, unreadable or older)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return f"recipe={GUARD_RECIPE}" in data["meta"].tolist()
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def verdict(probabilities: Mapping[str, float], expected: str) -> str:
@@ -176,6 +220,18 @@ class InputGuard:
         slice in the lung window; logged like `check`."""
         probs = dict(zip(self.model.classes, self.model.probabilities(image_features(grey)[None])[0], strict=True))
         result = (max(probs, key=probs.__getitem__), verdict(probs, self.expected))
+        self.results[name] = result
+        if result[1] != OK and self.log_flags:
+            log.warning("%s: %s", name, result[1])
+        return result
+
+    def check_volume(self, planes: np.ndarray, name: str) -> tuple[str, str]:
+        """(most likely modality, verdict) of a volume from its (N, H, W) [0, 1] slices (ct_route_planes): one
+        decision per series, on the mean probabilities of its central slices; logged like `check`."""
+        picked = np.asarray(planes)[central_slices(len(planes))]
+        probs = self.model.probabilities(np.stack([image_features(p) for p in picked])).mean(axis=0)
+        by_class = dict(zip(self.model.classes, probs, strict=True))
+        result = (max(by_class, key=by_class.__getitem__), verdict(by_class, self.expected))
         self.results[name] = result
         if result[1] != OK and self.log_flags:
             log.warning("%s: %s", name, result[1])

@@ -140,6 +140,18 @@ def axial_axis(affine: np.ndarray) -> int:
     return int(next(axis for axis, (to_axis, _) in enumerate(transform) if int(to_axis) == 2))
 
 
+def slice_tilt_deg(affine: np.ndarray, slice_axis: int = 2) -> float:
+    """How far, in degrees, the slices along `slice_axis` lean from true axial: the larger of the angle between the
+    planes' normal and head-foot, and of the stacking direction and head-foot. A gantry-tilted CT stacks tilted
+    planes straight along head-foot (a sheared affine), so the stacking direction alone looks axial at any tilt."""
+    columns = np.asarray(affine, dtype=float)[:3, :3]
+    in_plane = [columns[:, a] for a in range(3) if a != slice_axis]
+    normal = np.cross(in_plane[0], in_plane[1])
+    stack = columns[:, slice_axis]
+    cosines = [abs(v[2]) / max(float(np.linalg.norm(v)), 1e-12) for v in (normal, stack)]
+    return float(np.degrees(np.arccos(min(1.0, min(cosines)))))
+
+
 def _display_transform(affine: np.ndarray, ndim: int) -> np.ndarray:
     if ndim != 3 or np.asarray(affine).shape != (4, 4):
         raise MedpipeError(f"expected a 3-D volume and a 4x4 affine, got {ndim}-D and {np.asarray(affine).shape}")

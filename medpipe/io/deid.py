@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +69,8 @@ _IDENTIFYING = (
 _DATE_LIKE = re.compile(r"\b(19|20)\d{2}[-/.]?\d{2}[-/.]?\d{2}\b|\b\d{1,2}[-/.]\d{1,2}[-/.](19|20)?\d{2}\b")
 _PERSON_NAME = re.compile(r"[^\s^=]*\^[^\s=]*")  # DICOM PN syntax: Family^Given^Middle
 _LONG_NUMBER = re.compile(r"\d{6,}")  # record, accession and phone numbers; no technical value needs six digits
+# identifier values shorter than this (in a script with spaces between words) are only removed as whole words
+_MIN_SUBSTRING = 3
 
 
 def deidentified_sidecar(layout: SeriesLayout, volume: Volume, date_shift_days: int | None = None) -> dict[str, Any]:
@@ -91,8 +93,10 @@ def deidentified_sidecar(layout: SeriesLayout, volume: Volume, date_shift_days: 
     for key, (keyword, policy) in SIDECAR_STRINGS.items():
         sidecar[key] = clean_value(_as_text(ds.get(keyword, "")), policy, forbidden)
     sidecar["kvp"] = _number(ds.get("KVP"))
+    sidecar["gantry_detector_tilt_deg"] = _number(ds.get("GantryDetectorTilt"))  # also in the geometry, if honest
     if layout.missing:
         sidecar["missing_slices"] = layout.missing
+    burned_in = burned_in_files(f.ds for f in layout.slices if f is not None)
     study_date = _parse_date(str(ds.get("StudyDate", "")))
     if date_shift_days is not None and study_date is not None:
         sidecar["study_date_shifted"] = (study_date + timedelta(days=int(date_shift_days))).isoformat()
@@ -102,7 +106,19 @@ def deidentified_sidecar(layout: SeriesLayout, volume: Volume, date_shift_days: 
         # DCM codes for PS3.15 options: basic profile, clean descriptors, (modified dates when shifted)
         "codes": ["113100", "113105"] + (["113107"] if date_shift_days is not None else []),
     }
+    if burned_in:  # only reached with an explicit opt-in (ingest's allow_burned_in): say so where the data go
+        sidecar["burned_in_annotation"] = True
+        sidecar["deidentification"]["pixel_data"] = (
+            f"BurnedInAnnotation YES in {burned_in} file(s): identifying text may remain in the pixels "
+            "(not removed; no Clean Pixel Data option, code 113101)"
+        )
     return sidecar
+
+
+def burned_in_files(headers: Iterable[Dataset]) -> int:
+    """How many images declare BurnedInAnnotation YES: text in the pixels (names, IDs, dates) that a header-only
+    de-identification cannot remove (PS3.15 Clean Pixel Data option)."""
+    return sum(str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES" for ds in headers)
 
 
 def pseudonym_uid(uid: str) -> str:
@@ -120,10 +136,21 @@ def clean_value(text: str, policy: str, forbidden: Sequence[str]) -> str:
 
 
 def clean_identifiers(text: str, forbidden: Sequence[str]) -> str:
-    """Blank out every identifier value found in the header, longest first, ignoring case."""
+    """Blank out every identifier value found in the header, in one pass (longest first), ignoring case.
+
+    A value of three or more characters, or any value in a script without spaces between words (CJK names have
+    parts of one or two characters, written without spaces: 山田太郎), is removed wherever it occurs; a shorter
+    Latin value ("Li", "X") only as a whole word, so "Li^Bo" does not also remove the "li" of "liver"."""
+    alternatives = []
     for value in sorted(forbidden, key=len, reverse=True):
-        text = re.sub(re.escape(value), "[removed]", text, flags=re.IGNORECASE)
-    return text
+        pattern = re.escape(value)
+        if len(value) < _MIN_SUBSTRING and value.isascii():
+            pattern = rf"(?<![^\W_]){pattern}(?![^\W_])"  # a whole word: no letter or digit on either side
+        alternatives.append(pattern)
+    if not alternatives:
+        return text
+    # one pass, so a value is never found inside the "[removed]" that replaced a longer one
+    return re.sub("|".join(alternatives), "[removed]", text, flags=re.IGNORECASE)
 
 
 def clean_text(text: str, forbidden: Sequence[str]) -> str:
@@ -136,18 +163,22 @@ def clean_text(text: str, forbidden: Sequence[str]) -> str:
 
 
 def _identifier_strings(ds: Dataset) -> list[str]:
-    """Every name part, ID and similar value in the header, as strings of 3+ characters."""
-    out: list[str] = []
+    """Every name part, ID and similar value in the header. Person names count whatever their length (a one-letter
+    given name, a CJK family name of one or two characters) and in every component group (alphabetic,
+    ideographic, phonetic: "Yamada^Tarou=山田^太郎=やまだ^たろう"); other values from 3 characters (a StudyID "1"
+    identifies no one, and blanking every "1" would wreck the descriptions)."""
+    out: set[str] = set()
     for keyword in _IDENTIFYING:
         value = ds.get(keyword)
         if value is None or value == "":
             continue
+        shortest = 1 if pydicom.datadict.dictionary_VR(keyword) == "PN" else _MIN_SUBSTRING
         values = value if isinstance(value, pydicom.multival.MultiValue) else [value]
         for v in values:
             text = str(v)
-            out.append(text)
-            out.extend(re.split(r"[\^=\s,]+", text))
-    return sorted({s for s in out if len(s.strip()) >= 3})
+            parts = [text, *text.split("="), *re.split(r"[\^=\s,]+", text)]  # whole, each group (山田^太郎), parts
+            out.update(p.strip() for p in parts if len(p.strip()) >= shortest)
+    return sorted(out)
 
 
 def _as_text(value: Any) -> str:

@@ -12,6 +12,7 @@ Pixel data are decoded with pydicom; transfer syntaxes that pydicom cannot decod
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ _SAME_POSITION_MM = 0.01
 # a slice may sit this fraction of the slice step off the regular grid before the spacing counts as uneven
 _GRID_TOLERANCE = 0.05
 _ORIENTATION_TOLERANCE = 1e-3
+# a stack sheared more than this (gantry tilt) gets a warning: readers of the NIfTI qform see it unsheared
+_SHEAR_NOTED_DEG = 0.5
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -78,6 +81,8 @@ def check_series(series: Series, on_gap: str = "error") -> SeriesLayout:
     _check_on_gap(on_gap)
     name = f"series {series.uid} in {series.folder}"
     files = series.files
+    _check_one_subject(files, name)
+    _check_greyscale(files, name)
     _check_same(files, name, "Modality", lambda ds: str(ds.get("Modality", "")))
     _check_same(files, name, "Rows x Columns", lambda ds: (int(ds.Rows), int(ds.Columns)))
     _check_orientation(files, name)
@@ -92,7 +97,7 @@ def check_series(series: Series, on_gap: str = "error") -> SeriesLayout:
     positions, along = positions[order], along[order]
 
     files, positions, along, dropped = _drop_duplicates(files, positions, along, name)
-    warnings = [f"dropped {p}: a copy of another file (same SOPInstanceUID and position)" for p in dropped]
+    messages = [f"dropped {p}: a copy of another file (same SOPInstanceUID and position)" for p in dropped]
     step_mm, index = _grid(files, along, name)
     direction = _slice_direction(files, positions, along, normal, name)
 
@@ -110,10 +115,18 @@ def check_series(series: Series, on_gap: str = "error") -> SeriesLayout:
         if on_gap == "error":
             raise MedpipeError(message + "; pass --on_gap warn to ingest it with the gap filled")
         log.warning(message)
-        warnings.append(message)
+        messages.append(message)
 
+    shear = float(np.degrees(np.arccos(min(1.0, 1.0 / max(float(np.linalg.norm(direction)), 1.0)))))
+    if shear > _SHEAR_NOTED_DEG:  # gantry tilt: tilted planes stacked along the table; NIfTI's qform cannot shear
+        message = (
+            f"{name}: slices are sheared {shear:.1f}° (gantry tilt); the NIfTI sform holds the exact geometry, the "
+            "qform only the nearest rotation"
+        )
+        log.warning(message)
+        messages.append(message)
     affine = _affine_ras(files[0].ds, positions[0], direction * step_mm)
-    return SeriesLayout(series, slices, affine, missing, dropped, warnings)
+    return SeriesLayout(series, slices, affine, missing, dropped, messages)
 
 
 def _check_on_gap(on_gap: str) -> None:
@@ -130,6 +143,36 @@ def _check_same(files: Sequence[SliceFile], name: str, what: str, key: Callable[
             raise MedpipeError(
                 f"{f.path}: {what} {value} differs from {first} in {files[0].path.name} ({name}); "
                 "one volume needs one value — remove the odd file or split the series"
+            )
+
+
+def _check_one_subject(files: Sequence[SliceFile], name: str) -> None:
+    """One patient and one study per series: a SeriesInstanceUID reused across patients (a buggy exporter or
+    anonymiser) would otherwise stack two people into one volume. The values stay out of the message."""
+    for keyword in ("PatientID", "StudyInstanceUID"):
+        with warnings.catch_warnings():  # non-conformant UIDs: the scan said so once for the folder
+            warnings.simplefilter("ignore")
+            each = [str(f.ds.get(keyword, "")).strip() for f in files]
+        if len(set(each)) > 1:
+            odd = files[next(i for i, v in enumerate(each) if v != each[0])]
+            raise MedpipeError(
+                f"{name}: holds more than one {keyword} ({len(set(each))} different values, e.g. {odd.path.name} "
+                f"differs from {files[0].path.name}); one SeriesInstanceUID must not span patients or studies — "
+                "split the files by patient and study"
+            )
+
+
+def _check_greyscale(files: Sequence[SliceFile], name: str) -> None:
+    """A volume is one value per voxel (HU for CT): colour images (RGB, YBR, palette indices) are screen captures
+    or colour-mapped exports whose pixels hold no rescaled values."""
+    for f in files:
+        photometric = str(f.ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+        samples = int(f.ds.get("SamplesPerPixel", 1) or 1)
+        if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise MedpipeError(
+                f"{f.path}: PhotometricInterpretation {photometric} with {samples} sample(s) per pixel ({name}); "
+                "a volume needs greyscale (MONOCHROME) images — colour pixels hold no HU; export the original "
+                "greyscale series"
             )
 
 
@@ -185,6 +228,7 @@ def _grid(files: list[SliceFile], along: np.ndarray, name: str) -> tuple[float, 
         step = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
         return abs(step), np.zeros(1, dtype=int)
     steps = np.diff(along)
+    _check_spacing_change(files, along, steps, name)
     rough = steps.min()
     index = np.concatenate([[0], np.cumsum(np.rint(steps / rough))]).astype(int)
     if 2 * np.sum(np.diff(index) == 1) < len(steps):  # the smallest step is an outlier, not the slice spacing
@@ -202,6 +246,47 @@ def _grid(files: list[SliceFile], along: np.ndarray, name: str) -> tuple[float, 
             f"{step:.3f} mm grid ({name}); NIfTI needs evenly spaced slices"
         )
     return float(step), index
+
+
+def _check_spacing_change(files: list[SliceFile], along: np.ndarray, steps: np.ndarray, name: str) -> None:
+    """Refuse a series whose slice spacing changes part-way (e.g. 1.25 mm slices, then 5 mm ones): its larger steps
+    are whole multiples of the small one, so they would pass for missing slices and `--on_gap warn` would invent
+    them. A gap is a lone larger step between regular ones; a change is a second run of two or more equal steps
+    of another size, or a larger step where SliceThickness changes too."""
+    def same(a: float, b: float) -> bool:
+        return abs(a - b) <= _GRID_TOLERANCE * min(abs(a), abs(b))
+
+    runs: list[tuple[int, int]] = []  # (first step, number of steps) of each run of equal steps
+    for i, step in enumerate(steps):
+        if runs and same(step, steps[runs[-1][0]]):
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    if len(runs) == 1:
+        return
+    long_runs = [r for r in runs if r[1] >= 2]
+    for before, after in zip(long_runs, long_runs[1:], strict=False):
+        if not same(steps[before[0]], steps[after[0]]):
+            _refuse_spacing_change(files, along, steps[before[0]], steps[after[0]], after[0], name)
+    thickness = [_number_or(f.ds.get("SliceThickness"), float("nan")) for f in files]
+    for j in range(1, len(files)):
+        changed = not (np.isnan(thickness[j]) or np.isnan(thickness[j - 1]) or same(thickness[j], thickness[j - 1]))
+        before = steps[j - 2] if j >= 2 else steps[j]
+        if changed and not same(before, steps[j - 1]):  # a new reconstruction, not a grid with holes
+            extra = f"; SliceThickness changes from {thickness[j - 1]:g} to {thickness[j]:g} mm there"
+            _refuse_spacing_change(files, along, before, steps[j - 1], j - 1, name, extra)
+
+
+def _refuse_spacing_change(
+    files: list[SliceFile], along: np.ndarray, old: float, new: float, step: int, name: str, extra: str = ""
+) -> None:
+    """One line: the spacing before and after, and where it changes (between which files, mm along the normal)."""
+    raise MedpipeError(
+        f"{name}: slice spacing changes from {old:.3f} mm to {new:.3f} mm between {files[step].path.name} and "
+        f"{files[step + 1].path.name} (sorted slices {step} and {step + 1} of {len(files)}, {along[step]:.2f} and "
+        f"{along[step + 1]:.2f} mm along the normal){extra}; a variable spacing is not a gap, and NIfTI holds one "
+        "spacing — split the series where the spacing changes, or resample it to one spacing"
+    )
 
 
 def _slice_direction(
@@ -269,9 +354,14 @@ def _only_series(folder: Path) -> Series:
         bad = scan.damaged[0]
         more = f" (and {len(scan.damaged) - 1} more damaged file(s))" if len(scan.damaged) > 1 else ""
         raise MedpipeError(f"{bad.path}: {bad.reason}{more}; re-export the series or remove the file")
+    if not scan.series:  # say why each DICOM file was left out (a multi-frame image, an SR, ...)
+        why = next((s for s in scan.skipped if s.reason != "not a DICOM file"), None)
+        example = f" ({Path(why.path).name}: {why.reason})" if why else ""
+        raise MedpipeError(f"{folder}: no DICOM image series found{example}")
     if len(scan.series) != 1:
-        found = "no DICOM image series" if not scan.series else f"{len(scan.series)} series"
-        raise MedpipeError(f"{folder}: {found} found (need exactly one); use `medpipe ingest` for a folder tree")
+        raise MedpipeError(
+            f"{folder}: {len(scan.series)} series found (need exactly one); use `medpipe ingest` for a folder tree"
+        )
     return scan.series[0]
 
 
@@ -302,7 +392,10 @@ def _decode_hu(sl: SliceFile) -> tuple[np.ndarray, bool]:
     """One slice as (rows, cols) rescaled values (HU for CT), and whether they are whole numbers."""
     ts = getattr(getattr(sl.ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
-        raw = pydicom.pixels.pixel_array(sl.path)
+        # pixel_array(path) reads the file's bytes as they lie, so a deflated data set (the whole data set is
+        # zlib-compressed after the file meta) must be read, and inflated, by dcmread first
+        deflated = ts == pydicom.uid.DeflatedExplicitVRLittleEndian
+        raw = pydicom.pixels.pixel_array(pydicom.dcmread(sl.path) if deflated else sl.path)
     except (RuntimeError, NotImplementedError) as exc:  # no pydicom decoder for this transfer syntax
         if ts is None or not ts.is_compressed:
             raise MedpipeError(f"{sl.path}: cannot decode pixel data ({exc})") from exc

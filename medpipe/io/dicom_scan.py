@@ -280,8 +280,9 @@ def _not_a_slice(ds: Dataset) -> str | None:
     if not is_image(ds):
         sop = sop_class(ds)
         return f"not an image ({getattr(sop, 'name', sop) or 'no SOP class'})"
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        return "multi-frame image: ingest reads single-frame series only"
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        return f"multi-frame image ({frames} frames): volumes are read from single-frame series only"
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
         return "image without ImagePositionPatient/ImageOrientationPatient (not part of a 3-D volume)"
     return None

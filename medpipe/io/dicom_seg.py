@@ -5,12 +5,22 @@ type-2 attributes (PatientName, PatientID, StudyID, AccessionNumber, ReferringPh
 the standard lets a type-2 attribute be present with an empty value, so the SEG gets empty values — no invented
 identities. The identifiers a SEG must point at (type 1: Study/Series/SOP Instance UIDs, Frame of Reference UID)
 cannot be filled that way: without them the SEG could not be tied to its images, so `seg_blocker` names what is
-missing and the caller decides (volumetric inference then skips the SEG and says so in its report)."""
+missing and the caller decides (volumetric inference then skips the SEG and says so in its report).
+Optional reference sequences a source may carry malformed (a ReferencedStudySequence item without its
+ReferencedSOPClassUID) are not copied as they are: `prepare_source` drops the broken items, so every derived object
+(SEG, SR, secondary capture) passes dciodvfy.
+
+Segments are coded as PS3.16 asks (CID 7150 category, CID 7151 / 7159 type): a label named "lung…" is the anatomical
+structure Lung, one naming an infection, lesion, consolidation or opacity is a morphologically abnormal structure of
+type Lesion in the lung; each gets a recommended display colour (lesions warm, lung cool), so viewers such as OHIF
+draw them apart."""
 
 from __future__ import annotations
 
+import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +43,40 @@ TYPE2_COPIED = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+# type-3 reference sequences of the Patient and General Study modules that highdicom copies from the source; each item
+# is a SOP Instance Reference Macro whose two UIDs are type 1
+COPIED_REFERENCE_SEQUENCES = ("ReferencedStudySequence", "ReferencedPatientSequence")
 # type-1 identifiers a SEG references: per slice (SOP instance) and per series
 _TYPE1_PER_SLICE = ("SOPInstanceUID",)
 _TYPE1_PER_SERIES = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+
+
+@dataclass(frozen=True)
+class SegmentCoding:
+    """How one segment is coded and drawn: PS3.16 category (CID 7150) and type (CID 7151 / 7159), an optional
+    anatomic region, and the recommended display colour as sRGB (written as CIELab)."""
+
+    category: pydicom.sr.coding.Code
+    type: pydicom.sr.coding.Code
+    rgb: tuple[int, int, int]
+    anatomic_region: pydicom.sr.coding.Code | None = None
+
+
+LESION_WORDS = re.compile(r"\b(infection|lesion|consolidation|ground[- ]glass|opacity|opacities|ggo|covid)", re.I)
+
+
+def segment_coding(label: str) -> SegmentCoding:
+    """The coding of a segment named `label`: lung (cool blue), an infection / lesion in the lung (warm orange), or
+    generic tissue (grey). "lung (not infected)" is lung: only the nouns of a finding count, not "infected"."""
+    from pydicom.sr.codedict import codes
+
+    if LESION_WORDS.search(label):
+        return SegmentCoding(
+            codes.cid7150.MorphologicallyAbnormalStructure, codes.cid7159.Lesion, (255, 110, 0), codes.SCT.Lung
+        )
+    if re.match(r"\s*lungs?\b", label, re.I):
+        return SegmentCoding(codes.cid7150.AnatomicalStructure, codes.SCT.Lung, (30, 144, 255))
+    return SegmentCoding(codes.cid7150.Tissue, codes.SCT.Tissue, (128, 128, 128))
 
 
 def write_dicom_seg(
@@ -46,12 +87,13 @@ def write_dicom_seg(
     property_types: Mapping[int, pydicom.sr.coding.Code] | None = None,
     algorithm: str = "medpipe",
     series_description: str = "medpipe segmentation",
+    codings: Mapping[int, SegmentCoding] | None = None,
 ) -> Path:
     """Write the mask as a binary DICOM-SEG referencing the volume's source series (DICOM-loaded volumes only).
 
-    `labels` names each label value (e.g. {1: "lung", 2: "lesion"}); `property_types` gives SNOMED codes per label
-    (default: SCT "Tissue"). The SEG copies patient and study from the source, as PACS expects: it is not
-    de-identified.
+    `labels` names each label value (e.g. {1: "lung", 2: "lesion"}); each segment's codes and display colour come
+    from `codings` or else from its name (`segment_coding`); `property_types` overrides just the type code. The SEG
+    copies patient and study from the source, as PACS expects: it is not de-identified.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -70,18 +112,22 @@ def write_dicom_seg(
     algorithm_id = hd.AlgorithmIdentificationSequence(
         name=algorithm, version=_version(), family=codes.cid7162.ArtificialIntelligence
     )
-    property_types = property_types or {}
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=segment,
-            segment_label=str(labels[label]),
-            segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=property_types.get(label, codes.SCT.Tissue),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm_id,
+    property_types, codings = property_types or {}, codings or {}
+    descriptions = []
+    for segment, label in enumerate(numbers, start=1):
+        coding = codings.get(label) or segment_coding(str(labels[label]))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=segment,
+                segment_label=str(labels[label]),
+                segmented_property_category=coding.category,
+                segmented_property_type=property_types.get(label, coding.type),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm_id,
+                anatomic_regions=[coding.anatomic_region] if coding.anatomic_region is not None else None,
+                display_color=hd.color.CIELabColor.from_rgb(*coding.rgb),
+            )
         )
-        for segment, label in enumerate(numbers, start=1)
-    ]
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=lut[frames],
@@ -113,7 +159,7 @@ def _seg_frames(mask: np.ndarray, volume: Volume) -> tuple[np.ndarray, list[pydi
     keep = [k for k, f in enumerate(volume.source_files) if f is not None]
     sources = [pydicom.dcmread(volume.source_files[k], stop_before_pixels=True) for k in keep]
     for ds in sources:
-        fill_type2(ds)
+        prepare_source(ds)
     return np.ascontiguousarray(frames[keep]), sources
 
 
@@ -131,6 +177,46 @@ def fill_type2(ds: pydicom.Dataset) -> list[str]:
     for keyword in added:
         setattr(ds, keyword, "")
     return added
+
+
+def drop_malformed_references(ds: pydicom.Dataset) -> list[str]:
+    """Drop the items of the copied reference sequences (COPIED_REFERENCE_SEQUENCES) that lack a valid
+    ReferencedSOPClassUID or ReferencedSOPInstanceUID, and a sequence left empty (all are type 3, so leaving them out
+    is valid; a broken one copied would make every derived object fail validation). Returns what was dropped."""
+    dropped = []
+    for keyword in COPIED_REFERENCE_SEQUENCES:
+        if keyword not in ds:
+            continue
+        items = list(ds[keyword].value or [])
+        kept = [
+            item
+            for item in items
+            if all(_valid_uid(item, k) for k in ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID"))
+        ]
+        if len(kept) < len(items):
+            dropped.append(f"{keyword}: {len(items) - len(kept)} item(s) without valid referenced SOP UIDs")
+        if kept:
+            ds[keyword].value = kept
+        else:
+            del ds[keyword]
+    return dropped
+
+
+def prepare_source(ds: pydicom.Dataset) -> list[str]:
+    """Make a source header fit to be copied into a derived object (in memory): empty type-2 attributes added
+    (`fill_type2`), malformed optional references dropped (`drop_malformed_references`). Returns what changed."""
+    return [f"{k} added empty" for k in fill_type2(ds)] + drop_malformed_references(ds)
+
+
+def prepare_sources(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    for ds in datasets:
+        prepare_source(ds)
+    return list(datasets)
+
+
+def _valid_uid(ds: pydicom.Dataset, keyword: str) -> bool:
+    value = str(ds.get(keyword, "") or "")
+    return bool(value) and UID(value).is_valid
 
 
 def seg_blocker(sources: list[pydicom.Dataset]) -> str | None:

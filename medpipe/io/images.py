@@ -2,7 +2,9 @@
 
 Every bundle loads pictures through here, so training, evaluation and inference see identical intensities:
 colour and alpha are dropped, 16-bit PNG and DICOM are windowed (DICOM: modality LUT / rescale, then the VOI LUT
-when present) and then min-max scaled, which is also what 8-bit images get.
+when present) and then min-max scaled, which is also what 8-bit images get. Pictures are shown as a viewer shows
+them: turned by their EXIF Orientation; DICOM palette colour through its palette; MONOCHROME1 and Presentation LUT
+Shape INVERSE inverted.
 
 Degenerate inputs: an image under 2 pixels along a side, or a DICOM RescaleSlope of 0 (every pixel would map to one
 value), is refused — no value computed from it would mean anything; a constant image (blank, e.g. an empty export)
@@ -54,11 +56,14 @@ def _min_max(array: np.ndarray, path: str | Path) -> np.ndarray:
 
 
 def _read_picture(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:  # PIL refuses sizes over Image.MAX_IMAGE_PIXELS (decompression bombs)
-            img.load()  # forces a full decode so truncated files fail here, not mid-training
+        with Image.open(path) as raw:  # PIL refuses sizes over Image.MAX_IMAGE_PIXELS (decompression bombs)
+            raw.load()  # forces a full decode so truncated files fail here, not mid-training
+            # the EXIF Orientation tag (phones, some scanners) says how the stored pixels must be turned to be seen
+            # upright; a viewer applies it, so the model must see the same picture
+            img = ImageOps.exif_transpose(raw)
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 return np.asarray(img, dtype=np.float32)
             if img.mode not in ("L", "RGB"):
@@ -75,7 +80,7 @@ def _read_picture(path: Path) -> np.ndarray:
 
 def _read_dicom(path: Path) -> np.ndarray:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(path)
@@ -86,8 +91,21 @@ def _read_dicom(path: Path) -> np.ndarray:
         raise
     except Exception as exc:  # pydicom raises many types for broken files
         raise MedpipeError(f"cannot read DICOM '{path}': {exc}") from exc
-    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and ds.get("SamplesPerPixel", 1) > 1:
-        pixels = pixels[..., :3].mean(axis=-1)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise MedpipeError(
+            f"DICOM '{path}' is a multi-frame image ({frames} frames, shape {pixels.shape}); only single-frame "
+            "2-D images are read here: export its frames as single images"
+        )
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric == "PALETTE COLOR":  # stored values are indices into the palette: show what a viewer shows
+        try:
+            pixels = apply_color_lut(pixels, ds)
+        except Exception as exc:  # a missing or malformed palette
+            raise MedpipeError(f"DICOM '{path}' is PALETTE COLOR but its palette cannot be applied ({exc})") from exc
+    colour = ds.get("SamplesPerPixel", 1) > 1 or photometric == "PALETTE COLOR"
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and colour:
+        return pixels[..., :3].astype(np.float32).mean(axis=-1)  # colour: no rescale or window applies
     if pixels.ndim != 2:
         raise MedpipeError(f"DICOM '{path}' is not 2-D (shape {pixels.shape}); ingest volumes with `medpipe ingest`")
     if "RescaleSlope" in ds and ds.RescaleSlope is not None and float(ds.RescaleSlope) == 0:
@@ -95,7 +113,9 @@ def _read_dicom(path: Path) -> np.ndarray:
     pixels = apply_modality_lut(pixels, ds)  # stored values -> HU or OD: the units the VOI window is given in
     pixels = apply_voi_lut(pixels, ds) if "WindowCenter" in ds or "VOILUTSequence" in ds else pixels
     pixels = pixels.astype(np.float32)
-    if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":  # bright = low attenuation: invert to MONOCHROME2
+    # bright = low values: invert to MONOCHROME2. The Presentation LUT Shape INVERSE asks for the same single
+    # inversion (in DX it is the required companion of MONOCHROME1, so the two together still invert once)
+    if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
         pixels = pixels.max() - pixels
     return pixels
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from medpipe.errors import MedpipeError
 from medpipe.files import atomic_write, staged_outputs
-from medpipe.io.deid import _number, deidentified_sidecar
+from medpipe.io.deid import _number, burned_in_files, deidentified_sidecar
 from medpipe.io.dicom import SeriesLayout, _check_on_gap, check_series, load_series
 from medpipe.io.dicom_scan import Skipped, find_series
 
@@ -57,12 +57,16 @@ def ingest(
     on_gap: str = "error",
     skip_invalid: bool = False,
     date_shift_days: int | None = None,
+    allow_burned_in: bool = False,
 ) -> dict[str, Any]:
     """Write one NIfTI + de-identified sidecar per valid series under `dicom_dir`; return the summary.
 
     Invalid series and damaged DICOM files raise MedpipeError before anything is written, unless `skip_invalid`,
     which leaves them out and lists them in the summary; a series that a damaged file may belong to is left out
     whole, never written a slice short. Files that are not DICOM are ignored and counted.
+    A series with BurnedInAnnotation YES is invalid too (its pixels may show names and IDs that header
+    de-identification cannot remove) unless `allow_burned_in`, which ingests it with a warning in the summary and
+    `burned_in_annotation` in its sidecar.
     """
     _check_on_gap(on_gap)
     shift = date_shift(date_shift_days)
@@ -85,14 +89,18 @@ def ingest(
             problems.append((Skipped(str(series.folder), reason), reason))
             continue
         try:
-            layouts.append(check_series(series, on_gap))
+            layout = check_series(series, on_gap)
+            _check_burned_in(layout, allow_burned_in)
+            layouts.append(layout)
         except MedpipeError as exc:
             problems.append((Skipped(str(series.folder), str(exc)), str(exc)))
     if problems and not skip_invalid:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise MedpipeError(f"{problems[0][1]}{more}; nothing was written")
     if not layouts:
-        example = f" (e.g. {scan.skipped[0].path}: {scan.skipped[0].reason})" if scan.skipped else ""
+        # a DICOM file's reason (multi-frame, not an image) says more than a stray README's
+        why = sorted(scan.skipped, key=lambda s: s.reason == "not a DICOM file")
+        example = f" (e.g. {why[0].path}: {why[0].reason})" if why else ""
         raise MedpipeError(f"{root}: no valid DICOM image series among {scan.n_files} file(s){example}")
 
     ingested = []
@@ -114,6 +122,25 @@ def ingest(
         }
         _write_json(summary, staging / SUMMARY)
     return summary
+
+
+def _check_burned_in(layout: SeriesLayout, allow: bool) -> None:
+    """PS3.15: an image with burned-in annotation is not de-identified by cleaning its header; refuse it, or with
+    the explicit opt-in keep it with a warning (the sidecar records it too, see deid.deidentified_sidecar)."""
+    files = [f for f in layout.slices if f is not None]
+    burned_in = burned_in_files(f.ds for f in files)
+    if not burned_in:
+        return
+    where = f"series {layout.series.uid} in {layout.series.folder}"
+    what = f"BurnedInAnnotation YES in {burned_in} of {len(files)} file(s)"
+    if not allow:
+        raise MedpipeError(
+            f"{where}: {what} — its pixels may show patient identifiers that de-identification cannot remove; "
+            "pass --allow_burned_in true to ingest it anyway (recorded in its sidecar)"
+        )
+    message = f"{where}: {what}: ingested with identifying text possibly left in the pixels (--allow_burned_in)"
+    log.warning(message)
+    layout.warnings.append(message)
 
 
 def date_shift(value: Any) -> int | None:

@@ -21,6 +21,15 @@ from medpipe.errors import MedpipeError
 from medpipe.export.runtime import runtime_network
 from medpipe.serve.routing import Route
 
+# a series spanning less than this head to foot may cut the lungs: only the upper lung-volume bound applies to it
+# (adult lungs are about 25 cm high at full inspiration)
+LUNG_COVERAGE_MM = 200.0
+
+# each lung holds 40-60 % of an adult's lung volume (the right slightly more): a side under 15 % of the total means a
+# lung is missing from the mask (or from the patient); below 100 mL of lung in all the check says nothing
+ONE_SIDE_FRACTION = 0.15
+MIN_LUNG_FOR_SIDES_ML = 100.0
+
 logger = logging.getLogger(__name__)
 
 
@@ -74,6 +83,7 @@ class CTSegmentationModel:
             if "ensemble_ckpts" not in parser.config:
                 raise MedpipeError(f"routing: bundle {route.bundle.name} has no ensemble_ckpts: give one checkpoint")
             parser["ensemble_ckpts"] = [str(p) for p in route.checkpoints[1:]]
+        self.route = route  # the route this model was built for: a model is never used for another
         network = parser.get_parsed_content("network")  # the eager network, which the segmenter (or its runtime) runs
         _load_weights(network, route.checkpoints[0])
         network.eval()
@@ -85,11 +95,38 @@ class CTSegmentationModel:
         """Segment the series; returns the VolumeSegmenter report (also written as out_dir/report.json)."""
         return self.segmenter(series_dir, out_dir)
 
+    def implausible(self, entry: dict[str, Any]) -> list[str]:
+        """Why the lung volume of one report entry is one no adult chest has (route.lung_volume_ml), if it is."""
+        if self.route.lung_volume_ml is None:
+            return []
+        low, high = self.route.lung_volume_ml
+        lung = float(entry["lung_volume_ml"])
+        extent = float(entry["shape"][2]) * float(entry["spacing_mm"][2])  # head to foot: axial, voxel axis 2
+        if lung > high:
+            return [f"lung volume {lung:g} mL is above {high:g} mL, more than an adult chest holds: check the result"]
+        right, left = entry.get("lung_right_ml"), entry.get("lung_left_ml")
+        if right is not None and left is not None and lung >= MIN_LUNG_FOR_SIDES_ML and (
+            min(right, left) < ONE_SIDE_FRACTION * lung
+        ):
+            return [
+                f"lung found on one side only (right {right:g} mL, left {left:g} mL): part of the lung may be missing "
+                "from the segmentation (or the patient has one lung): check the result"
+            ]
+        if lung < low and extent >= LUNG_COVERAGE_MM:
+            return [
+                f"lung volume {lung:g} mL is below {low:g} mL, less than an adult chest CT covering the lungs holds "
+                f"(this series spans {extent:.0f} mm): part of the lung may be missing from the segmentation"
+            ]
+        return []
+
 
 class ImageClassificationModel:
     """A 2-D classification bundle (covid_cxr_cls, brain_tumor_cls) on single DICOM images."""
 
     def __init__(self, route: Route) -> None:
+        from medpipe.values import flag
+
+        self.route = route  # the route this model was built for: a model is never used for another
         parser = _parser(route, "train")
         if len(route.checkpoints) > 1:
             if "ensemble_ckpts" not in parser.config:
@@ -108,6 +145,14 @@ class ImageClassificationModel:
         self.postprocessing = parser.get_parsed_content("validate#postprocessing")
         self.class_names = [str(c) for c in parser.get_parsed_content("class_names")]
         self.info = _model_info(route, parser)
+        # the wrong-input guard the bundle's own inference runs (keys input_guard, expected_modality)
+        self.expected_modality: str | None = None
+        self.guard: Any = None
+        if "input_guard" in parser.config and flag(parser.get_parsed_content("input_guard")):
+            from medpipe.inference.input_guard import ModalityModel
+
+            self.expected_modality = str(parser.get_parsed_content("expected_modality"))
+            self.guard = ModalityModel.load()
         self.gradcam_layer: str | None = None
         if route.gradcam:
             if "gradcam_layer" not in parser.config:
@@ -129,6 +174,16 @@ class ImageClassificationModel:
         if probs.size != len(self.class_names):
             raise MedpipeError(f"{self.info.name}: {probs.size} outputs for {len(self.class_names)} class names")
         return {name: float(p) for name, p in zip(self.class_names, probs, strict=True)}
+
+    def wrong_input(self, image_path: Path) -> list[str]:
+        """The input guard's warning when the image does not look like the bundle's kind of image, else []."""
+        if self.expected_modality is None:
+            return []
+        from medpipe.inference.input_guard import OK, file_features, verdict
+
+        probs = self.guard.probabilities(file_features(image_path))[0]
+        said = verdict(dict(zip(self.guard.classes, probs, strict=True)), self.expected_modality)
+        return [] if said == OK else [f"{image_path.name}: {said}"]
 
     def gradcam_overlay(self, image_path: Path) -> np.ndarray:
         """(rows, cols, 3) uint8: the image as the model reads it (grey, [0, 1]) at its own size, with the Grad-CAM
@@ -152,3 +207,14 @@ class ImageClassificationModel:
 def load_model(route: Route) -> CTSegmentationModel | ImageClassificationModel:
     logger.info(f"loading route {route.name}: {route.bundle.name} from {route.checkpoints[0]}")
     return CTSegmentationModel(route) if route.task == "ct_segmentation" else ImageClassificationModel(route)
+
+
+def judge(route: Route, wrong_input: list[str], implausible: list[str]) -> list[str]:
+    """What the route does with doubtful results: raises MedpipeError (the job fails with the reason, nothing is
+    sent) where it refuses them, else returns the warnings to send with the results (in the SR and in status)."""
+    refused = (wrong_input if route.on_wrong_input == "refuse" else []) + (
+        implausible if route.on_implausible == "refuse" else []
+    )
+    if refused:
+        raise MedpipeError(f"refused by route '{route.name}': {'; '.join(refused)}; no result sent")
+    return [*wrong_input, *implausible]

@@ -2,10 +2,12 @@
 
 Each instance is written to disk (fsync, then an atomic rename) and recorded in the queue before the store is
 acknowledged, so nothing the node has acknowledged can be lost. Associations from calling AE titles outside the
-allow-list (when one is set) are rejected; SOP classes outside STORAGE_CLASSES get no presentation context."""
+allow-list (when one is set) are rejected; SOP classes outside STORAGE_CLASSES get no presentation context.
+UIDs that name files are checked against the DICOM rule first, so no received value can point a path elsewhere."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -13,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.uid import RE_VALID_UID
 
+from medpipe.errors import MedpipeError, first_line
 from medpipe.files import atomic_write
 from medpipe.serve.queue import JobQueue
 
@@ -28,14 +32,24 @@ STORAGE_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
 }
 STATUS_OK, STATUS_OUT_OF_RESOURCES, STATUS_CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
-_UID = re.compile(r"^[0-9.]{1,64}$")
+_UID = re.compile(RE_VALID_UID)  # PS3.5 9.1: digits in components separated by '.', no leading zero
 
 
 def _safe_uid(value: Any, what: str) -> str:
-    text = str(value or "").strip()
-    if not _UID.match(text):
-        raise ValueError(f"{what} {text!r} is not a DICOM UID")
+    """A UID by PS3.5 9.1 (at most 64 characters, trailing NUL padding and spaces removed), else ValueError."""
+    text = str(value or "").rstrip("\0 ").strip()
+    if len(text) > 64 or not _UID.fullmatch(text):
+        raise ValueError(f"{what} {text[:80]!r} is not a DICOM UID")
     return text
+
+
+def dataset_digest(encoded: bytes) -> str:
+    """sha256 of the data set as sent, without preamble and file meta (which name the sender, not the content)."""
+    start = 0
+    # (0002,0000) File Meta Information Group Length, UL, explicit VR little endian, right after "DICM"
+    if encoded[128:132] == b"DICM" and encoded[132:138] == b"\x02\x00\x00\x00UL":
+        start = 144 + int.from_bytes(encoded[140:144], "little")
+    return hashlib.sha256(memoryview(encoded)[start:]).hexdigest()
 
 
 def instance_meta(ds: Dataset, calling_ae: str | None = None) -> dict[str, Any]:
@@ -51,6 +65,10 @@ def instance_meta(ds: Dataset, calling_ae: str | None = None) -> dict[str, Any]:
     }
 
 
+class StoreError(Exception):
+    """A valid instance the node could not store (disk full, state file locked …): the sender should retry."""
+
+
 def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as fh:
         fh.write(data)
@@ -59,17 +77,41 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def store_instance(queue: JobQueue, incoming_dir: Path, ds: Dataset, encoded: bytes, calling_ae: str | None) -> Path:
-    """Write one received instance (`encoded`: the file bytes, preamble and meta included) and record it."""
+    """Write one received instance (`encoded`: the file bytes, preamble and meta included) and record it.
+
+    The file is named by its SOP instance UID and a hash of its content: a copy with other content never overwrites
+    one a job holds. ValueError: the instance names no valid UIDs (refuse it). Any other error: it is not stored,
+    and its series is held until the sender sends it again (never processed without it)."""
     meta = instance_meta(ds, calling_ae)
-    path = incoming_dir / meta["series_instance_uid"] / f"{meta['sop_instance_uid']}.dcm"
-    atomic_write(path, lambda tmp: _write_synced(tmp, encoded))
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    meta["digest"] = dataset_digest(encoded)
+    incoming = Path(incoming_dir).resolve()
+    path = incoming / meta["series_instance_uid"] / f"{meta['sop_instance_uid']}_{meta['digest'][:16]}.dcm"
+    if path.resolve().parent.parent != incoming:  # cannot happen with valid UIDs; never write outside incoming/
+        raise ValueError(f"SeriesInstanceUID {meta['series_instance_uid']!r} does not name a folder in {incoming}")
+    new_file = not path.exists()
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    queue.add_instance(meta, path)
+        atomic_write(path, lambda tmp: _write_synced(tmp, encoded))
+        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        replaced = queue.add_instance(meta, path)
+    except Exception as exc:
+        if new_file:
+            path.unlink(missing_ok=True)
+        reason = _reason(exc)
+        queue.record_unstored(meta["series_instance_uid"], meta["sop_instance_uid"], reason)
+        raise StoreError(reason) from exc
+    if replaced:
+        Path(replaced).unlink(missing_ok=True)
     return path
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return first_line(exc)
 
 
 class StorageSCP:
@@ -86,6 +128,9 @@ class StorageSCP:
             self.ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         if allowed_calling_aes:
             self.ae.require_calling_aet = list(allowed_calling_aes)
+        # answer only associations addressed to this node's AE title (as Orthanc with DicomCheckCalledAet: true):
+        # a PACS configured for another node is told so ("called AE title not recognised") instead of being served
+        self.ae.require_called_aet = True
         self.ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs for 0.5 MB CT slices
         self.server: Any = None
 
@@ -109,7 +154,13 @@ class StorageSCP:
         from pynetdicom import evt
 
         handlers = [(evt.EVT_C_STORE, self.handle_store)]
-        self.server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+        try:
+            self.server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+        except OSError as exc:  # port taken, address not on this machine, port < 1024 without the right
+            raise MedpipeError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}; is another node or program on that port? "
+                "choose another with --port or the routing file's node.port"
+            ) from exc
         logger.info(f"DICOM node {self.ae.ae_title} listening on {host}:{port}")
 
     def stop(self) -> None:

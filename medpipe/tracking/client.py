@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -40,6 +41,12 @@ _DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 _OTHER_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
 _CAUSE = re.compile(r"\[Errno -?\d+\] [^'\")]+|too many \d+ error responses|[Rr]ead timed out|timed out")
 _checked_uris: set[str] = set()
+# MLflow's timeout bounds each socket read, not a call: a store that trickles its answers (one byte a second) holds
+# a call for as long as it likes. Each call is therefore also bounded in wall time: CALL_DEADLINE_S (None: the
+# worst case of a failing call, `worst_case_call_s()`), plus time for the bytes of an artifact upload
+CALL_DEADLINE_S: float | None = None
+ARTIFACT_MIN_BYTES_PER_S = 256 * 1024
+_ARTIFACT_CALLS = ("log_artifact", "log_artifacts")
 
 
 def default_tracking_uri() -> str:
@@ -134,6 +141,37 @@ def worst_case_call_s(environ: dict[str, str] | None = None) -> float:
     return (retries + 1) * 2 * timeout + backoff
 
 
+def _upload_bytes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """The size of the local file or folder an artifact call uploads (its second argument, `local_path`/`local_dir`)."""
+    local = kwargs.get("local_path") or kwargs.get("local_dir") or (args[1] if len(args) > 1 else None)
+    try:
+        path = Path(str(local))
+        return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    except OSError:
+        return 0
+
+
+def call_within(deadline_s: float, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)` in a daemon worker thread; its result or its exception, or a TimeoutError once
+    `deadline_s` seconds have passed (the worker is left to finish on its own and never holds up the exit)."""
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["value"] = call(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread as it is
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="medpipe-tracking-call", daemon=True)
+    worker.start()
+    worker.join(deadline_s)
+    if worker.is_alive():
+        raise TimeoutError(f"no complete answer within {deadline_s:.0f} s: the store answers too slowly")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """An exception as one short line: the cause when MLflow's HTTP error (several lines, hundreds of characters
     of retry bookkeeping) names one, else the start of the message."""
@@ -145,12 +183,13 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
 
 
 class GuardedClient:
-    """An MlflowClient whose calls run under `bounded_http()`. Until `arm(run_id)` (start-up) a failure raises as
-    usual; after it, the first failing call logs one warning and every later call returns None without touching
-    the store, so a lost server never stalls or kills training."""
+    """An MlflowClient whose calls run under `bounded_http()` and within a wall-time deadline (`call_within`). Until
+    `arm(run_id)` (start-up) a failure raises as usual; after it, the first failing or overdue call logs one warning
+    and every later call returns None without touching the store, so a lost or crawling server never stalls or
+    kills training."""
 
-    def __init__(self, client: Any, tracking_uri: str) -> None:
-        self._client, self.tracking_uri = client, tracking_uri
+    def __init__(self, client: Any, tracking_uri: str, deadline_s: float | None = None) -> None:
+        self._client, self.tracking_uri, self.deadline_s = client, tracking_uri, deadline_s
         self.run_id: str | None = None
         self.lost: str | None = None  # the failure, once tracking is lost
         self.failed_calls = self.skipped_calls = 0
@@ -166,13 +205,16 @@ class GuardedClient:
                 self.skipped_calls += 1
                 return None
             with bounded_http():
+                deadline = self.deadline_s or CALL_DEADLINE_S or worst_case_call_s()
+                if name in _ARTIFACT_CALLS:  # an upload may take longer than a call, at a rate any store manages
+                    deadline += _upload_bytes(args, kwargs) / ARTIFACT_MIN_BYTES_PER_S
                 if self.run_id is None:
-                    return method(*args, **kwargs)
+                    return call_within(deadline, method, *args, **kwargs)
                 urllib3_log = logging.getLogger("urllib3.connectionpool")
                 level = urllib3_log.level
                 urllib3_log.setLevel(logging.ERROR)  # one warning line (ours), not one per retry
                 try:
-                    return method(*args, **kwargs)
+                    return call_within(deadline, method, *args, **kwargs)
                 except Exception as exc:  # connection refused, timeout, 5xx, a broken store: all end tracking alike
                     self._lose(name, exc)
                     return None

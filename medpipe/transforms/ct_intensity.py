@@ -16,16 +16,22 @@ from medpipe.transforms.seg import clahe
 MAX_AXIAL_TILT_DEG = 30.0
 # the lowest HU of a chest CT is air (about -1000); a volume whose minimum is above this is not in HU
 MAX_MIN_HU = -500.0
+# a chest CT holds a body: soft tissue and bone (above MAX_MIN_HU) fill a third or more of its voxels; a volume with
+# less than this fraction (a blank, all-air scan) has nothing a model can read, and any lung found in it is invented
+MIN_BODY_FRACTION = 0.01
 
 
 def check_axial_ct(volume: Volume, name: str) -> None:
-    """Refuse volumes a model trained on axial HU slices cannot read: non-axial stacks and non-HU intensities."""
+    """Refuse volumes a model trained on axial HU slices cannot read: non-axial stacks, non-HU intensities, no body."""
     directions = np.asarray(volume.affine)[:3, :3] / np.linalg.norm(np.asarray(volume.affine)[:3, :3], axis=0)
     closest = int(np.argmax(np.abs(directions[2])))  # which voxel axis runs closest to superior
-    tilt = float(np.degrees(np.arccos(min(1.0, abs(directions[2, 2])))))
+    # the planes count, not only the stacking axis: a gantry tilt stacks tilted planes straight head-foot (a
+    # sheared affine); the header's GantryDetectorTilt (in the DICOM meta / ingest sidecar) counts too
+    tilt = max(ct.slice_tilt_deg(volume.affine), abs(float(volume.meta.get("gantry_detector_tilt_deg") or 0.0)))
     if closest != 2 or tilt > MAX_AXIAL_TILT_DEG:
         raise MedpipeError(
-            f"{name}: not an axial volume (its slice axis is {tilt:.0f}° from head-foot, voxel axis {closest} is); "
+            f"{name}: not an axial volume (its slices lean {tilt:.0f}° from axial, limit {MAX_AXIAL_TILT_DEG:g}° "
+            f"of gantry tilt; voxel axis {closest} runs closest to head-foot, axial needs axis 2); "
             "this model segments axial CT slices: reformat the series to axial first"
         )
     if volume.array.ndim != 3 or min(volume.array.shape) < 1:
@@ -33,6 +39,12 @@ def check_axial_ct(volume: Volume, name: str) -> None:
     low = float(np.min(volume.array))
     if low > MAX_MIN_HU:
         raise MedpipeError(f"{name}: lowest value {low:g} > {MAX_MIN_HU:g}; not CT in Hounsfield units (air ≈ -1000)")
+    body = float(np.count_nonzero(volume.array > MAX_MIN_HU)) / volume.array.size
+    if body < MIN_BODY_FRACTION:
+        raise MedpipeError(
+            f"{name}: no body in the volume ({100 * body:.2f}% of voxels above {MAX_MIN_HU:g} HU, fewer than "
+            f"{100 * MIN_BODY_FRACTION:g}%): nothing the model can read, so no measurements"
+        )
 
 
 # HU -> [0, 1] without a window: min-max over each slice or over the volume, as the development PNGs were made
