@@ -33,6 +33,7 @@ VERBS: dict[str, str] = {
     "cards": "medpipe.cli.commands:cards_command",
     "calibrate": "medpipe.cli.commands:calibrate_command",
     "guard": "medpipe.cli.commands:guard_command",
+    "dataset": "medpipe.cli.commands:dataset_command",
 }
 
 

@@ -77,20 +77,29 @@ def run_help_command(bundle: str, config: str = "train", network: str | None = N
 
 def cv_command(
     bundle: str, network: str | None = None, folds: int = 5, split_mode: str = "group", out: str | None = None,
-    parallel: int = 1, splits: str | None = None, **overrides: Any,
+    parallel: int = 1, splits: str | None = None, cluster: str | None = None, cpus_per_fold: int | None = None,
+    gpus_per_fold: float | None = None, fold_retries: int | None = None, **overrides: Any,
 ) -> None:
     """medpipe cv BUNDLE [--network NAME] [--folds 5] [--split_mode group|random] [--out DIR] [--parallel N]
-    [--splits FILE] [--key value …]
+    [--splits FILE] [--cluster ray|auto|ray://HOST:PORT|HOST:PORT [--cpus_per_fold 1] [--gpus_per_fold 0]
+    [--fold_retries 2]] [--key value …]
 
     --parallel N trains N folds at a time in separate processes, splitting the CPU cores between them.
+    --cluster runs every fold as a Ray task declaring --cpus_per_fold / --gpus_per_fold; a fold lost with its worker
+    or node is run again up to --fold_retries times (docs/scale.md: every node needs the same paths).
     --splits FILE reuses the fold partition of a splits.json (e.g. another run's `<out>/splits.json`).
     --out must be a new folder, or one holding no fold results. Writes `<out>/splits.json` before any fold runs,
     `<out>/fold<k>/{model.pt,metrics.json,predictions.csv}` and `<out>/cv_summary.json` (mean ± sd over folds, and
     pooled out-of-fold metrics with bootstrap CIs).
     """
-    from medpipe.evaluation.cv import run_cv
+    from medpipe.evaluation.cv import ClusterPlan, run_cv
 
-    run_cv(bundle, network, folds, split_mode, out, parallel, splits, **overrides)
+    task = {"cpus_per_fold": cpus_per_fold, "gpus_per_fold": gpus_per_fold, "fold_retries": fold_retries}
+    given = {k: v for k, v in task.items() if v is not None}
+    if cluster is None and given:
+        raise MedpipeError(f"--{next(iter(given))} applies to folds on a --cluster; without one, use --parallel N")
+    plan = None if cluster is None else ClusterPlan.checked(cluster, **given)
+    run_cv(bundle, network, folds, split_mode, out, parallel, splits, cluster=plan, **overrides)
 
 
 def cv_report_command(out: str) -> None:
@@ -386,3 +395,31 @@ def guard_command(
             print(f"{path}: {verdict} (most like {modality})")
     else:
         raise MedpipeError(f"medpipe guard: unknown action '{action}'; use fit or check")
+
+
+def dataset_command(
+    action: str, path: str | None = None, layout: str | None = None, bundle: str | None = None,
+    label_map: Any = None,
+) -> None:
+    """medpipe dataset check PATH [--layout nnunet|msd] [--bundle NAME [--label_map JSON]]
+
+    Check a segmentation data set (nnU-Net v2 raw or MSD / MONAI datalist, docs/datasets.md): one `error:` line per
+    problem, then a summary (cases, labels and voxel counts, spacings, orientations, intensity range); exits non-zero
+    on any problem. --bundle NAME: also map the labels onto the bundle's classes, by name or by
+    --label_map '{"lung": ["left lung", "right lung"]}'.
+    """
+    from medpipe.data.integrity import bundle_classes, check_dataset, format_report, parse_label_map
+
+    if action != "check" or path is None:
+        raise MedpipeError("usage: medpipe dataset check PATH [--layout nnunet|msd] [--bundle NAME] [--label_map JSON]")
+    classes = None
+    if bundle is not None:
+        from medpipe.bundle.config import find_bundle
+
+        classes = bundle_classes(find_bundle(str(bundle)))
+    elif label_map is not None:
+        raise MedpipeError("--label_map maps labels onto a bundle's classes: give --bundle NAME too")
+    report = check_dataset(str(path), None if layout is None else str(layout), classes, parse_label_map(label_map))
+    print(format_report(report))
+    if not report.ok:
+        raise MedpipeError(f"{path}: {len(report.problems)} problem(s), each an 'error:' line above")

@@ -68,6 +68,32 @@ def load_nifti(path: str | Path) -> Volume:
     return Volume(np.asarray(array), image.affine.copy(), (), meta)
 
 
+# files ITK reads whose geometry (spacing, origin, direction) is in the header, as nnU-Net's SimpleITKIO reads them
+ITK_VOLUME_ENDINGS = (".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def load_itk(path: str | Path) -> Volume:
+    """A 3-D NRRD / MetaImage (or any volume ITK reads) as a Volume indexed (i, j, k) with a RAS affine, like NIfTI."""
+    import itk  # imported here: ITK takes seconds to load and most paths never need it
+
+    path = Path(path)
+    if not path.is_file():
+        raise MedpipeError(f"{path}: no such file")
+    try:
+        image = itk.imread(str(path))
+    except Exception as exc:  # ITK raises RuntimeError with a multi-line message for unreadable files
+        raise MedpipeError(f"{path}: ITK cannot read it ({type(exc).__name__})") from exc
+    if image.GetImageDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise MedpipeError(f"{path}: expected a 3-D single-channel volume")
+    array = np.asarray(itk.array_from_image(image)).transpose(2, 1, 0)  # ITK's numpy view is (k, j, i)
+    # ITK geometry is LPS: voxel -> point = origin + direction @ diag(spacing) @ index; flip x and y for RAS
+    linear = np.asarray(image.GetDirection(), dtype=float) @ np.diag(np.asarray(itk.spacing(image), dtype=float))
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ linear
+    affine[:3, 3] = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(itk.origin(image), dtype=float)
+    return Volume(array, affine)
+
+
 def window(hu: np.ndarray, preset: str | tuple[float, float] = "lung") -> np.ndarray:
     """Map HU to [0, 1] float32 with a named window ("lung", "mediastinum") or a custom (level, width)."""
     if isinstance(preset, str):
