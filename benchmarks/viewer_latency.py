@@ -5,7 +5,8 @@ SEG loaded → overlay pixels on screen). The stack is `medpipe viewer`'s (`View
 
 The network is covid_ct_seg's; weights do not change the speed, so seeded random weights are used without --ckpt.
 
-    OMP_NUM_THREADS=2 MEDPIPE_DATA=../shared/data python benchmarks/viewer_latency.py [--ckpt model.pt] [--quiet 1]
+    OMP_NUM_THREADS=2 MEDPIPE_DATA=../shared/data python benchmarks/viewer_latency.py [--ckpt model.pt] [--quiet 1] \
+        [--precision bf16]
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default=None, help="covid_ct_seg model.pt (default: seeded random weights)")
     parser.add_argument("--quiet", type=float, default=1.0, help="seconds without new instances that close a series")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                        help="the CT route's `precision` option (default: the bundle's, fp32)")
     parser.add_argument("--screenshot", default=None, help="save the page with the overlay here (PNG)")
     args = parser.parse_args()
 
@@ -47,7 +50,8 @@ def main() -> None:
                      "quiet_seconds": args.quiet},
             "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": free_port()},
             "routes": [{"name": "chest_ct", "task": "ct_segmentation", "bundle": "covid_ct_seg", "modality": "CT",
-                        "checkpoints": [str(Path(ckpt).resolve())]}],
+                        "checkpoints": [str(Path(ckpt).resolve())],
+                        "options": {"precision": args.precision} if args.precision else {}}],
         }  # fmt: skip
         (root / "routing.json").write_text(json.dumps(routing))
         stack = ViewerStack(load_settings(root / "routing.json"), orthanc_http_port=free_port(), port=0)
@@ -91,6 +95,8 @@ def main() -> None:
           f"model {t.get('model_s', 0):.1f}, writing {t.get('writing_s', 0):.1f})")  # fmt: skip
     print(f"  store  {store_s:5.1f} s  (C-STORE of SEG + SR {t.get('send_s', 0):.1f}, until Orthanc lists them)")
     print(f"  viewer {viewer_s:5.1f} s  (OHIF opened on the study -> SEG loaded -> overlay on screen)")
+    print(f"  precision {args.precision or 'fp32 (bundle default)'}, "
+          f"weights {'--ckpt ' + args.ckpt if args.ckpt else 'seeded random'}")
     print(f"  machine: {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
 

@@ -37,11 +37,14 @@ def brain_yes_no() -> Path:
 
 # `make test` runs two xdist workers with `--dist loadfile`: a module runs whole on one worker, so its module-scoped
 # fixtures (a real Orthanc, an MLflow server, a trained model, a CV run) are made once. xdist hands the modules out in
-# collection order (`--no-loadscope-reorder`): the longest first, so that the short ones fill in around them.
+# collection order (`--no-loadscope-reorder`): the longest first (as measured with `--durations`), so that the short
+# ones fill in around them.
 SLOWEST_FIRST = (
-    "test_seg_real_dicom", "test_serve", "test_distributed", "test_faults_serve_queue", "test_faults_tracking",
-    "test_dicomweb", "test_viewer", "test_faults_serve_routes", "test_faults_cv", "test_tracking", "test_ct_seg",
-    "test_infection_free", "test_parameters", "test_seg_postprocessing", "test_cv",
+    "test_seg_real_dicom", "test_distributed", "test_zoo", "test_seg_v2", "test_parameters", "test_cluster_ray",
+    "test_serve", "test_viewer", "test_tracking", "test_bundles", "test_multinode", "test_faults_cv",
+    "test_faults_tracking", "test_faults_serve_queue", "test_ct", "test_seg_postprocessing", "test_layouts_train",
+    "test_ct_seg", "test_infection_free", "test_cxr", "test_bad_input", "test_cv", "test_faults_bundles",
+    "test_dataset_check", "test_export", "test_dicomweb",
 )  # fmt: skip
 
 

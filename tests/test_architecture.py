@@ -13,7 +13,7 @@ from conftest import REPO
 PACKAGE = REPO / "medpipe"
 
 LIBRARY = ("io", "data", "nets", "transforms", "inferers", "training", "evaluation", "tracking", "inference")
-ALL_PARTS = (*LIBRARY, "bundle", "zoo", "export", "serve", "viewer", "cli")
+ALL_PARTS = (*LIBRARY, "cluster", "bundle", "zoo", "export", "serve", "viewer", "cli")
 
 
 def _parts(*names: str) -> set[str]:
@@ -26,6 +26,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "medpipe.errors": _parts(*ALL_PARTS, "files", "_lazy"),
     "medpipe.files": _parts(*ALL_PARTS, "_lazy"),  # files may raise MedpipeError, nothing more
     "medpipe.values": _parts(*ALL_PARTS, "files", "_lazy"),  # values may raise MedpipeError, nothing more
+    "medpipe.cluster": _parts(*ALL_PARTS, "files", "values", "_lazy") - _parts("cluster"),  # runs any job it is given
     "medpipe.io": _parts(*ALL_PARTS) - _parts("io"),
     "medpipe.data": _parts(*ALL_PARTS) - _parts("data", "io"),
     "medpipe.nets": _parts(*ALL_PARTS) - _parts("nets"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO, real_dataset
@@ -247,3 +248,19 @@ def test_leave_one_source_out_trains_on_the_others_and_refuses_a_missing_class(t
         labels_csv_datalists(only_a, names, None, fold=0, held_out_source="a")
     with pytest.raises(MedpipeError, match="is not a source of this data set"):
         labels_csv_datalists(root, names, None, fold=0, held_out_source="nowhere")
+
+
+def test_grad_cam_hooks_do_not_pile_up_batch_after_batch() -> None:
+    """monai's GradCAM leaves its hooks on the network: one per network and layer, reused, not one per batch."""
+    from medpipe.inference.gradcam import grad_cam
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()  # fmt: skip
+    images = torch.rand(2, 1, 16, 16)
+    first, classes = grad_cam(net, images, "1")
+    hooks = (len(net[1]._forward_hooks), len(net[1]._backward_hooks))
+    for _ in range(3):
+        again, again_classes = grad_cam(net, images, "1")
+    assert (len(net[1]._forward_hooks), len(net[1]._backward_hooks)) == hooks
+    assert np.allclose(first, again) and (classes == again_classes).all()

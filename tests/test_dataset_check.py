@@ -11,55 +11,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
+from cip_layouts import MSD_JSON, NNUNET_JSON, msd, nnunet, read_cip, save
 
 from conftest import REPO, real_dataset
 from medpipe.data.integrity import check_dataset
-from medpipe.io.ct import load_itk
-
-NNUNET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lung": 1}, "numTraining": 1,
-               "file_ending": ".nii.gz"}  # fmt: skip
-MSD_JSON = {
-    "name": "CIP", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "lung"}, "numTraining": 1,
-    "training": [{"image": "./imagesTr/cip.nii.gz", "label": "./labelsTr/cip.nii.gz"}], "test": [],
-}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def cip() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(CT in HU, lung mask, RAS affine) of the CIP volume, read from its NRRD files with ITK (medpipe.io.ct)."""
-    folder = real_dataset("ct_volumes") / "cip_ct64"
-    ct, lung = load_itk(folder / "ct-64.nrrd"), load_itk(folder / "wholeLung-64.nrrd")
-    assert np.allclose(ct.affine, lung.affine)
-    return ct.array, lung.array.astype(np.uint8), ct.affine
-
-
-def save(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, affine), path)
-    return path
-
-
-def nnunet(root: Path, cip: tuple, image: np.ndarray | None = None, label: np.ndarray | None = None,
-           label_affine: np.ndarray | None = None, description: dict | None = None) -> Path:  # fmt: skip
-    ct, lung, affine = cip
-    folder = root / "Dataset501_CIP"
-    save(ct if image is None else image, affine, folder / "imagesTr" / "cip_0000.nii.gz")
-    save(lung if label is None else label, affine if label_affine is None else label_affine,
-         folder / "labelsTr" / "cip.nii.gz")  # fmt: skip
-    (folder / "dataset.json").write_text(json.dumps(description or NNUNET_JSON))
-    return folder
-
-
-def msd(root: Path, cip: tuple, description: dict | None = None) -> Path:
-    ct, lung, affine = cip
-    folder = root / "Task01_CIP"
-    save(ct, affine, folder / "imagesTr" / "cip.nii.gz")
-    save(lung, affine, folder / "labelsTr" / "cip.nii.gz")
-    (folder / "dataset.json").write_text(json.dumps(description or MSD_JSON))
-    return folder
+    return read_cip()
 
 
 def medpipe_dataset_check(*args: str) -> subprocess.CompletedProcess:
@@ -223,7 +186,7 @@ def test_labels_map_onto_covid_ct_seg_by_name_or_by_label_map(cip: tuple, tmp_pa
     assert result.returncode != 0
     assert error_lines(result) == [
         "error: covid_ct_seg class 'infection' has no label in this data set (missing: infection); map one with "
-        "--label_map '{\"infection\": [\"…\"]}'"
+        "--label_map '{\"infection\": [\"…\"]}', or declare it absent with --absent_structures infection"
     ]
     assert "label map     covid_ct_seg lung <- lung (1)" in result.stdout
 

@@ -307,3 +307,90 @@ def test_ctrl_c_during_parallel_cv_starts_no_queued_fold(data: Path, tmp_path: P
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cluster", "somewhere"], "--cluster 'somewhere' is not a cluster address"),
+        (["--cluster", "ray", "--parallel", "2"], "--parallel is for folds on this machine"),
+        (["--cpus_per_fold", "2"], "--cpus_per_fold applies to folds on a --cluster"),
+        (["--cluster", "ray", "--cpus_per_fold", "0"], "--cpus_per_fold must be >= 1"),
+        (["--cluster", "ray", "--gpus_per_fold", "half"], "--gpus_per_fold must be a number"),
+    ],
+)
+def test_bad_cluster_options_are_one_line(
+    args: list[str], message: str, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from medpipe.cli import main
+
+    out = tmp_path / "cv"
+    assert main(["cv", "brain_tumor_cls", "--folds", "2", "--out", str(out), "--dataset_dir", str(data), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"medpipe error: {message}"), lines
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("how", ["node lost", "ctrl-c"])
+def test_a_cluster_run_that_stops_leaves_complete_folds_only(
+    how: str, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A fold lost with its node after Ray's retries (or Ctrl-C) stops the run: one line naming the fold, the
+    finished fold kept, the unfinished one's files (last.pt, a dead process's lock) removed, no summary."""
+    import medpipe.cluster
+    from medpipe.cli import main
+
+    out = tmp_path / "cv"
+
+    def run_tasks(job: Any, tasks: list[Any], **options: Any) -> None:
+        assert [t.name for t in tasks] == ["fold 0", "fold 1"] and options["num_cpus"] == 2
+        _scored_fold(out / "fold0", ["a.png", "b.png"], [0, 1], [0.2, 0.8])
+        (out / "fold1").mkdir()
+        (out / "fold1" / "last.pt").write_bytes(b"half a training")
+        (out / "fold1" / "training.lock").write_text('{"pid": 1, "host": "node2"}')
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        raise MedpipeError("fold 1 was lost with its worker or node in each of 3 attempts (NodeDiedError: …)")
+
+    monkeypatch.setattr(medpipe.cluster, "connect", lambda address: None)
+    monkeypatch.setattr(medpipe.cluster, "run_tasks", run_tasks)
+    code = main(["cv", "brain_tumor_cls", "--folds", "2", "--out", str(out), "--dataset_dir", str(data),
+                 "--cluster", "ray", "--cpus_per_fold", "2"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    if how == "ctrl-c":
+        assert err[0].startswith("medpipe error: interrupted: 1 of 2 folds finished")
+    else:
+        assert err[0].startswith("medpipe error: fold 1 was lost with its worker or node") and "no summary" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == ["fold0", "splits.json"]
+
+
+def test_a_fold_attempt_after_a_lost_one_starts_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray runs a lost fold again: that attempt clears what the dead one left, and returns a complete fold as is."""
+    ran: list[list[str]] = []
+
+    def fold(threads: int, bundle_dir: Any, network: Any, k: int, folds: int, mode: str, out_dir: Path) -> Path:
+        ran.append(sorted(p.name for p in (out_dir / f"fold{k}").glob("*")))
+        _scored_fold(out_dir / f"fold{k}", ["a.png", "b.png"], [0, 1], [0.2, 0.8])
+        return out_dir / f"fold{k}"
+
+    monkeypatch.setattr(cv, "_fold_on_threads", fold)
+    (tmp_path / "fold1").mkdir()
+    (tmp_path / "fold1" / "last.pt").write_bytes(b"half a training")
+    (tmp_path / "fold1" / "training.lock").write_text('{"pid": 1, "host": "node2"}')
+    assert cv._fold_attempt(1, Path("b"), None, 1, 2, "group", tmp_path) == tmp_path / "fold1"
+    assert ran == [[]]
+    before = (tmp_path / "fold1" / "metrics.json").stat().st_mtime_ns
+    cv._fold_attempt(1, Path("b"), None, 1, 2, "group", tmp_path)  # finished before its worker was lost
+    assert ran == [[]] and (tmp_path / "fold1" / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_cluster_addresses() -> None:
+    from medpipe.cluster import ray_address
+
+    assert ray_address("ray") is None
+    assert [ray_address(a) for a in ("auto", "ray://10.0.0.5:10001", "head.local:6379")] == [
+        "auto", "ray://10.0.0.5:10001", "head.local:6379"]  # fmt: skip
+    for bad in ("ray://", "10.0.0.5", "local", "http://x:1"):
+        with pytest.raises(MedpipeError, match="is not a cluster address"):
+            ray_address(bad)

@@ -27,6 +27,7 @@ BAD_VALUES = {
     "file": ("/no/such/file.pt", "an existing file"),
     "files": ("/no/such/a.pt,/no/such/b.pt", "existing files"),
     "paths": ("/no/such/series,/no/such/labels.csv", "existing files or folders"),
+    "json": ("{'lung': ", "a JSON object or list"),
 }
 
 

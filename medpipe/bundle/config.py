@@ -138,6 +138,15 @@ def run_bundle(
 def run_config_files(files: Sequence[str | Path], **overrides: Any) -> list[Any]:
     """Run the workflow that `files` (train.json first, then overlays such as pretrain_4class.json) define, in this
     process: override keys are checked as on the command line; `bundle_root` defaults to the first file's bundle."""
+    workflow = initialized_workflow(files, **overrides)
+    result = workflow.run()
+    workflow.finalize()
+    return result
+
+
+def initialized_workflow(files: Sequence[str | Path], **overrides: Any) -> Any:
+    """The ConfigWorkflow `run_config_files` runs, initialized and not yet run: for a caller that keeps some of its
+    objects for later jobs (medpipe.bundle.archive keeps the built network)."""
     from monai.bundle import ConfigWorkflow
 
     files = [str(f) for f in files]
@@ -146,9 +155,7 @@ def run_config_files(files: Sequence[str | Path], **overrides: Any) -> list[Any]
     overrides.setdefault("bundle_root", str(Path(files[0]).resolve().parent.parent))
     workflow = ConfigWorkflow(config_file=files, workflow_type=None, **overrides)
     workflow.initialize()
-    result = workflow.run()
-    workflow.finalize()
-    return result
+    return workflow
 
 
 def find_bundle(bundle: str | Path) -> Path:

@@ -36,12 +36,14 @@ def train_job_handlers(
     mlflow: bool,
     tracking: dict[str, Any],
     trained_on: list[dict[str, Any]] | None = None,
+    sidecars: dict[str, Any] | None = None,
 ) -> list[Any]:
     """[ResumeTraining if resume] + [TrainingCheckpoint] + [MLflowTracker if mlflow], main-rank ones on rank 0 only.
 
     `trained_on` (the training datalist) is recorded beside model.pt so that evaluation can say when it scores
-    images the model was trained on. `tracking` holds the MLflowTracker settings the bundle shares between jobs
-    (uri, experiment, params, datalists …).
+    images the model was trained on; `sidecars` (name -> JSON value, None: none) are written beside it as
+    `model.<name>.json` (the HU normalisation of a model trained on volumes). `tracking` holds the MLflowTracker
+    settings the bundle shares between jobs (uri, experiment, params, datalists …).
     """
     if trained_on is not None and not trained_on:
         raise MedpipeError("nothing to train on: the data set's training part is empty (a folder with only a "
@@ -54,7 +56,8 @@ def train_job_handlers(
         handlers.append(ResumeTraining(path=resume_path, model=network, state=state, map_location=device))
     if is_main_rank():
         handlers.append(
-            TrainingCheckpoint(ckpt_dir=ckpt_dir, model=network, state=state, trained_on=trained_on, resume=resume)
+            TrainingCheckpoint(ckpt_dir=ckpt_dir, model=network, state=state, trained_on=trained_on, resume=resume,
+                               sidecars=sidecars)
         )
         if mlflow:
             extra = {"validator": validator, "optimizer": optimizer, "network": network, "resume": resume}

@@ -24,14 +24,14 @@ from medpipe.errors import MedpipeError
 from medpipe.values import flag
 
 SHARED_FILE = Path(__file__).with_name("configs") / "parameters.json"
-TYPES = ("bool", "int", "float", "str", "path", "dir", "file", "files", "paths")
+TYPES = ("bool", "int", "float", "str", "path", "dir", "file", "files", "paths", "json")
 _NULL = ("none", "null", "")
 
 
 @dataclass(frozen=True)
 class Parameter:
     """One declared parameter: `type` is one of TYPES; `dir`/`file`/`files`/`paths` (files or folders) must exist
-    when given."""
+    when given; `json` is a JSON object or list (python-fire hands one over parsed, `medpipe run` as text)."""
 
     name: str
     type: str
@@ -112,6 +112,17 @@ def _as_str(p: Parameter, value: Any) -> str:
     return str(value)
 
 
+def _as_json(p: Parameter, value: Any) -> dict | list:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError:
+            raise p._error(value, "a JSON object or list") from None
+    if not isinstance(value, (dict, list)):
+        raise p._error(value, "a JSON object or list")
+    return value
+
+
 def _as_existing(kind: str):  # noqa: ANN202 - returns one of the coercers above
     def check(p: Parameter, value: Any) -> str:
         path = Path(_as_str(p, value)).expanduser()
@@ -149,6 +160,7 @@ _COERCE = {
     "file": _as_existing("file"),
     "files": _as_existing_list("files"),
     "paths": _as_existing_list("paths"),
+    "json": _as_json,
 }
 
 

@@ -55,14 +55,36 @@ def compare_command(experiment: str, tracking_uri: str | None = None, max_runs: 
     print(format_table(runs_table(experiment, tracking_uri, max_runs)))
 
 
-def run_command(bundle: str, config: str = "train", network: str | None = None, **overrides: Any) -> None:
+def run_command(
+    bundle: str, config: str = "train", network: str | None = None, cluster: str | None = None,
+    per_task: int | None = None, cpus_per_task: int | None = None, gpus_per_task: float | None = None,
+    task_retries: int | None = None, **overrides: Any,
+) -> None:
     """medpipe run BUNDLE [train|evaluate|inference] [--network NAME] [--key value …]
+    medpipe run BUNDLE inference --cluster ray|auto|ray://HOST:PORT|HOST:PORT [--per_task N] [--cpus_per_task 1]
+        [--gpus_per_task 0] [--task_retries 2] [--key value …]
 
     BUNDLE is a bundle folder or the name of one under ./bundles.
+    --cluster runs the inference over its inputs as Ray tasks, --per_task inputs each (default one series, or 4 of
+    the bundle's batches of images), recording finished inputs in `<output_dir>/inference_manifest.jsonl`: a rerun
+    skips them. It ends with the summary the local run writes (docs/scale.md: every node needs the same paths).
     """
     from medpipe.bundle.config import find_bundle, run_bundle
 
-    run_bundle(find_bundle(bundle), config, network, **overrides)
+    task = {"per_task": per_task, "cpus_per_task": cpus_per_task, "gpus_per_task": gpus_per_task,
+            "task_retries": task_retries}  # fmt: skip
+    given = {k: v for k, v in task.items() if v is not None}
+    if cluster is None:
+        if given:
+            raise MedpipeError(f"--{next(iter(given))} applies to inference on a --cluster")
+        run_bundle(find_bundle(bundle), config, network, **overrides)
+        return
+    if config != "inference":
+        raise MedpipeError(f"--cluster runs inference jobs, not '{config}': for training folds on a cluster use "
+                           "`medpipe cv --cluster`, for one training on several machines torchrun (docs/scale.md)")
+    from medpipe.bundle.archive import InferencePlan, run_inference_on_cluster
+
+    run_inference_on_cluster(bundle, network, InferencePlan.checked(cluster, **given), **overrides)
 
 
 def run_help_command(bundle: str, config: str = "train", network: str | None = None) -> None:
@@ -398,28 +420,43 @@ def guard_command(
 
 
 def dataset_command(
-    action: str, path: str | None = None, layout: str | None = None, bundle: str | None = None,
-    label_map: Any = None,
+    action: str, path: str | None = None, dst: str | None = None, layout: str | None = None,
+    bundle: str | None = None, label_map: Any = None, absent_structures: Any = None, to: str | None = None,
+    max_cases: int = -1,
 ) -> None:
-    """medpipe dataset check PATH [--layout nnunet|msd] [--bundle NAME [--label_map JSON]]
+    """medpipe dataset check PATH [--layout nnunet|msd] [--bundle NAME [--label_map JSON] [--absent_structures S]]
+    medpipe dataset convert SRC DST --to nnunet [--max_cases N]
 
-    Check a segmentation data set (nnU-Net v2 raw or MSD / MONAI datalist, docs/datasets.md): one `error:` line per
+    check: a segmentation data set (nnU-Net v2 raw or MSD / MONAI datalist, docs/datasets.md): one `error:` line per
     problem, then a summary (cases, labels and voxel counts, spacings, orientations, intensity range); exits non-zero
     on any problem. --bundle NAME: also map the labels onto the bundle's classes, by name or by
-    --label_map '{"lung": ["left lung", "right lung"]}'.
+    --label_map '{"lung": ["left lung", "right lung"]}'; --absent_structures infection: the data set holds none.
+    convert: the covid_ct_seg PNG slices (datalist.json) into an nnU-Net v2 raw folder DST, each volume group's
+    slices stacked in source_index order (--max_cases N: the first N volume groups).
     """
-    from medpipe.data.integrity import bundle_classes, check_dataset, format_report, parse_label_map
+    from medpipe.data.integrity import bundle_classes, check_dataset, format_report, parse_label_map, parse_names
 
-    if action != "check" or path is None:
-        raise MedpipeError("usage: medpipe dataset check PATH [--layout nnunet|msd] [--bundle NAME] [--label_map JSON]")
+    if action == "convert":
+        from medpipe.data.convert import convert_dataset
+
+        if path is None or dst is None or to is None:
+            raise MedpipeError("usage: medpipe dataset convert SRC DST --to nnunet [--max_cases N]")
+        written = convert_dataset(str(path), str(dst), str(to), int(max_cases))
+        print(f"wrote {written['cases']} case(s) ({written['slices']} slices) to {written['folder']}")
+        return
+    if action != "check" or path is None or dst is not None:
+        raise MedpipeError("usage: medpipe dataset check PATH [--layout nnunet|msd] [--bundle NAME] [--label_map JSON]"
+                           " | medpipe dataset convert SRC DST --to nnunet")
     classes = None
     if bundle is not None:
         from medpipe.bundle.config import find_bundle
 
         classes = bundle_classes(find_bundle(str(bundle)))
-    elif label_map is not None:
-        raise MedpipeError("--label_map maps labels onto a bundle's classes: give --bundle NAME too")
-    report = check_dataset(str(path), None if layout is None else str(layout), classes, parse_label_map(label_map))
+    elif label_map is not None or absent_structures is not None:
+        given = "--label_map" if label_map is not None else "--absent_structures"
+        raise MedpipeError(f"{given} maps labels onto a bundle's classes: give --bundle NAME too")
+    report = check_dataset(str(path), None if layout is None else str(layout), classes, parse_label_map(label_map),
+                           parse_names(absent_structures))  # fmt: skip
     print(format_report(report))
     if not report.ok:
         raise MedpipeError(f"{path}: {len(report.problems)} problem(s), each an 'error:' line above")

@@ -340,17 +340,30 @@ def seg_datalists(
         return {"train": [], "val": [], "test": test}  # a folder to evaluate (its testing list), not to train on
     if not items:
         raise MedpipeError(f"'{Path(dataset_dir) / 'datalist.json'}' has an empty 'training' list")
+    return {**split_seg_items(items, fold, num_folds, seed, split_mode, splits_file), "test": test}
+
+
+def split_seg_items(
+    items: list[dict[str, Any]], fold: int, num_folds: int, seed: int = 0, split_mode: str = "group",
+    splits_file: str | None = None, stratify: bool = True,
+) -> dict[str, list[dict[str, Any]]]:
+    """{'train', 'val'} of segmentation slice items, whole volumes (`group`) on one side of every fold; the PNG
+    slices and the slices of 3-D volume layouts (medpipe.data.layouts) are split by this one function.
+
+    With `stratify`, the stratum is the group name's prefix before the first '_' (coronacases / radiopaedia), so
+    every fold sees both sources. `splits_file`: the fold's lists from a splits.json (ids: the items' `path`)."""
+    fold, num_folds = check_fold(fold, num_folds)
     if splits_file:
-        return {**apply_splits(items, splits_file, fold, num_folds), "test": test}
+        return apply_splits(items, splits_file, fold, num_folds)
     if fold == -1:
-        return {"train": items, "val": [], "test": test}
+        return {"train": items, "val": []}
     groups = [it["group"] for it in items]
     if len(set(groups)) < num_folds:
         raise MedpipeError(f"{num_folds}-fold split needs at least {num_folds} volume groups, got {len(set(groups))}")
-    strata = sorted({g.split("_")[0] for g in groups})
-    labels = [strata.index(g.split("_")[0]) for g in groups]
+    strata = sorted({g.split("_")[0] for g in groups}) if stratify else [""]
+    labels = [strata.index(g.split("_")[0]) if stratify else 0 for g in groups]
     train_idx, val_idx = fold_indices(labels, groups, fold, num_folds, seed, split_mode)
-    return {"train": [items[i] for i in train_idx], "val": [items[i] for i in val_idx], "test": test}
+    return {"train": [items[i] for i in train_idx], "val": [items[i] for i in val_idx]}
 
 
 def official_split_datalists(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ class Case:
     name: str
     images: list[Path]
     label: Path | None
+    shape: tuple[int, ...] | None = None  # the images' grid and RAS affine, once read
+    affine: np.ndarray | None = None
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Report:
     labels: dict[int, str] = field(default_factory=dict)  # declared label value -> name
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # the label map onto a bundle's classes
+    class_values: dict[int, int] = field(default_factory=dict)  # label value -> the bundle's class index
     voxels: Counter = field(default_factory=Counter)  # label value -> voxels over all cases
     label_cases: Counter = field(default_factory=Counter)  # label value -> cases holding it
     spacings: Counter = field(default_factory=Counter)  # rounded image spacing -> cases
@@ -69,9 +73,10 @@ class Report:
 
 def check_dataset(
     root: str | Path, layout: str | None = None, bundle_classes: dict[str, Any] | None = None,
-    label_map: dict[str, list[str]] | None = None,
+    label_map: dict[str, list[str]] | None = None, absent: Sequence[str] = (),
 ) -> Report:
-    """Check the data set in folder `root`; `bundle_classes` (from `bundle_classes()`) also maps its labels.
+    """Check the data set in folder `root`; `bundle_classes` (from `bundle_classes()`) also maps its labels, with
+    the bundle's structures named in `absent` declared missing from the whole data set (see map_labels).
 
     Raises MedpipeError only when the folder cannot be checked at all (no folder, no or unreadable dataset.json,
     unknown layout); every problem of the data itself is a line of `Report.problems`.
@@ -91,7 +96,7 @@ def check_dataset(
     for case in report.cases:
         _check_case(case, report)
     if bundle_classes is not None:
-        map_labels(report, bundle_classes, label_map or {})
+        map_labels(report, bundle_classes, label_map or {}, absent)
     return report
 
 
@@ -286,14 +291,12 @@ def _itk_endings() -> tuple[str, ...]:
 
 
 def read_volume(path: Path) -> Any:
-    """A volume as `medpipe.io.dicom.Volume` (array indexed i, j, k and a RAS affine) whatever its format."""
-    from medpipe.io.ct import load_itk, load_nifti
+    """A volume file as `medpipe.io.dicom.Volume` (array indexed i, j, k and a RAS affine) whatever its format."""
+    from medpipe.io.ct import load_volume
 
-    if path.name.endswith(NIFTI_ENDINGS):
-        return load_nifti(path)
-    if path.name.endswith(_itk_endings()):
-        return load_itk(path)
-    raise MedpipeError(f"{path}: not a volume format medpipe reads ({', '.join((*NIFTI_ENDINGS, *_itk_endings()))})")
+    if path.is_dir():
+        raise MedpipeError(f"{path}: a folder, not a volume file")
+    return load_volume(path)
 
 
 def _read(path: Path, case: Case, report: Report) -> Any:
@@ -341,6 +344,7 @@ def _check_case(case: Case, report: Report) -> None:
         if volume is not first:
             for problem in _geometry_problems(first, volume, f"channel 0 image {case.images[0].name}"):
                 report.problems.append(f"case {case.name}: {_rel(report, path)}: {problem}")
+    case.shape, case.affine = tuple(first.array.shape), np.asarray(first.affine, dtype=float)
     report.spacings[_spacing_text(first.spacing)] += 1
     report.orientations[_axcodes(first.affine)] += 1
     if label is None:
@@ -384,14 +388,20 @@ def bundle_classes(bundle_dir: str | Path) -> dict[str, Any]:
     (name -> class indexes, e.g. covid_ct_seg's lung = [1, 2], infection = [2])."""
     bundle_dir = Path(bundle_dir)
     config = _read_json(bundle_dir / "configs" / "train.json")
-    names, structures = config.get("class_names"), config.get("structures") or {}
+    return classes_of(bundle_dir.name, config.get("class_names"), config.get("structures"))
+
+
+def classes_of(bundle: str, class_names: Any, structures: Any) -> dict[str, Any]:
+    """{name, class_names, structures} as `bundle_classes` gives it, from the values themselves (a running config's
+    `@class_names`, `@structures`)."""
+    names, structures = class_names, structures or {}
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(structures, dict):
-        raise MedpipeError(f"bundle {bundle_dir.name}: train.json declares no class_names list; it is not a "
+        raise MedpipeError(f"bundle {bundle}: train.json declares no class_names list; it is not a "
                            "segmentation bundle `dataset check --bundle` can map labels onto")
     if not structures:  # a plain segmentation bundle: one structure per foreground class
         structures = {n: [i] for i, n in enumerate(names) if i > 0}
-    structures = {str(k): list(v) for k, v in structures.items()}
-    return {"name": bundle_dir.name, "class_names": names, "structures": structures}
+    structures = {str(k): [int(i) for i in v] for k, v in structures.items()}
+    return {"name": bundle, "class_names": list(names), "structures": structures}
 
 
 def _norm(name: str) -> str:
@@ -401,8 +411,8 @@ def _norm(name: str) -> str:
 def parse_label_map(value: Any) -> dict[str, list[str]]:
     """`--label_map '{"lung": ["left lung", "right lung"]}'`: bundle class or structure -> the data set's label names.
 
-    fire hands over a dict when the text is a Python/JSON literal, the raw string otherwise."""
-    if value is None:
+    fire hands over a dict when the text is a Python/JSON literal, the raw string otherwise; None or "": no map."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         return {}
     if isinstance(value, str):
         try:
@@ -417,14 +427,31 @@ def parse_label_map(value: Any) -> dict[str, list[str]]:
     return {str(k): [v] if isinstance(v, str) else list(v) for k, v in value.items()}
 
 
-def map_labels(report: Report, classes: dict[str, Any], label_map: dict[str, list[str]]) -> None:
-    """Map the data set's label names onto the bundle's classes and structures, by name or by `label_map`.
+def parse_names(value: Any) -> list[str]:
+    """`--absent_structures infection` or `lung,infection` (or a list, as python-fire may hand it over)."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(v).strip() for v in items if str(v).strip()]
 
-    Each of the bundle's structures must receive a label, and each foreground label must land on some class (or on
-    `background` when the map says so); anything else is a problem naming the labels that are missing."""
+
+def map_labels(
+    report: Report, classes: dict[str, Any], label_map: dict[str, list[str]], absent: Sequence[str] = ()
+) -> None:
+    """Map the data set's label names onto the bundle's classes and structures, by name or by `label_map`, and
+    record each label value's class index (`report.class_values`).
+
+    Each of the bundle's structures must receive a label, unless `absent` names it: the user says the data set holds
+    none of it (a lung-only set of scans without COVID-19: infection absent, so its lung is lung not infected). Each
+    foreground label must land on some class (or on `background` when the map says so); anything else is a problem
+    naming the labels that are missing."""
     bundle = classes["name"]
     targets = {_norm(n): n for n in [*classes["class_names"], *classes["structures"]]}
     declared = {_norm(name): value for value, name in report.labels.items()}
+    unknown = [name for name in absent if _norm(name) not in {_norm(s) for s in classes["structures"]}]
+    if unknown:
+        raise MedpipeError(f"--absent_structures: '{unknown[0]}' is not a structure of {bundle} "
+                           f"({', '.join(classes['structures'])})")
     mapped: dict[int, str] = {}
     for target, names in label_map.items():
         if _norm(target) not in targets:
@@ -443,14 +470,33 @@ def map_labels(report: Report, classes: dict[str, Any], label_map: dict[str, lis
             report.problems.append(f"label '{name}' ({value}) maps onto no class of {bundle} "
                                    f"({', '.join(classes['structures'])}); name it in --label_map")
     index = {_norm(n): i for i, n in enumerate(classes["class_names"])}
+    owned = {}  # structure -> the class indexes only it covers (lung: [1, 2] less infection's [2] = {1})
     for structure, members in classes["structures"].items():
         own = set(members) - {i for s, m in classes["structures"].items() if s != structure for i in m}
+        owned[_norm(structure)] = own
         sources = [f"{report.labels[v]} ({v})" for v, t in mapped.items()
                    if _norm(t) == _norm(structure) or index.get(_norm(t)) in own]
+        is_absent = _norm(structure) in {_norm(a) for a in absent}
+        if is_absent and sources:
+            report.problems.append(f"--absent_structures names '{structure}', but label(s) {', '.join(sources)} "
+                                   "map onto it: drop it from --absent_structures")
+        elif is_absent:
+            report.notes.append(f"{bundle} {structure} <- none: declared absent (--absent_structures)")
+            continue
         report.notes.append(f"{bundle} {structure} <- {', '.join(sources) if sources else 'missing'}")
         if not sources:
             report.problems.append(f"{bundle} class '{structure}' has no label in this data set (missing: "
-                                   f"{structure}); map one with --label_map '{{\"{structure}\": [\"…\"]}}'")
+                                   f"{structure}); map one with --label_map '{{\"{structure}\": [\"…\"]}}', or "
+                                   f"declare it absent with --absent_structures {structure}")
+    for value, target in mapped.items():
+        if _norm(target) in index:
+            report.class_values[value] = index[_norm(target)]
+        elif len(owned[_norm(target)]) == 1:  # a structure stands for the one class only it covers
+            report.class_values[value] = next(iter(owned[_norm(target)]))
+        else:
+            report.problems.append(f"label '{report.labels[value]}' ({value}) maps onto {bundle} structure "
+                                   f"'{target}', which does not say which of its classes {sorted(owned[_norm(target)])}"
+                                   " a voxel is: map it onto a class")
 
 
 # ----------------------------------------------------------------------------------------------------- the summary

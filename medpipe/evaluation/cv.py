@@ -8,12 +8,14 @@ import csv
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import statistics
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +252,31 @@ def _fold_on_threads(threads: int, *args: Any, **overrides: Any) -> Path:
         raise MedpipeError(str(found)) from None
 
 
+def _fold_attempt(threads: int, bundle_dir: Path, network: str | None, fold: int, folds: int, split_mode: str,
+                  out_dir: Path, **overrides: Any) -> Path:  # fmt: skip
+    """One attempt at a fold on a cluster, where Ray runs a fold again when its worker or node died.
+
+    A fold folder holding metrics.json is complete (the evaluate job writes it last): returned as it is. Anything
+    else there is what an attempt that died left (last.pt, its training.lock): cleared, so the fold starts afresh
+    rather than being refused as "in use" or "trained already". Only this fold's tasks write there."""
+    fold_dir = Path(out_dir) / f"fold{fold}"
+    if (fold_dir / "metrics.json").is_file():
+        return fold_dir
+    if fold_dir.exists():
+        print(f"{fold_dir}: clearing what an earlier attempt left, then training the fold again", file=sys.stderr)
+        shutil.rmtree(fold_dir)
+    return _fold_on_threads(threads, bundle_dir, network, fold, folds, split_mode, out_dir, **overrides)
+
+
+def _drop_partial_folds(out_dir: Path, folds: int) -> None:
+    """Remove the fold folders that have no metrics.json after a cluster run stopped (their tasks have ended), so
+    that the run folder holds complete folds only."""
+    for fold in range(folds):
+        fold_dir = out_dir / f"fold{fold}"
+        if fold_dir.is_dir() and not (fold_dir / "metrics.json").is_file():
+            shutil.rmtree(fold_dir, ignore_errors=True)
+
+
 def _main_thread() -> bool:
     import threading
 
@@ -348,6 +375,67 @@ def _run_folds(
     pool.shutdown(wait=True)
 
 
+@dataclass(frozen=True)
+class ClusterPlan:
+    """Where `medpipe cv --cluster` runs its folds: the `--cluster` address and what each fold task declares."""
+
+    address: str
+    cpus_per_fold: int = 1
+    gpus_per_fold: float = 0.0
+    fold_retries: int = 2  # Ray runs a fold lost with its worker or node again, this many times
+
+    @classmethod
+    def checked(
+        cls, address: str, cpus_per_fold: Any = 1, gpus_per_fold: Any = 0, fold_retries: Any = 2
+    ) -> ClusterPlan:
+        """The plan from the command line's values, each checked (one line for a bad one)."""
+        from medpipe.cluster import ray_address
+
+        ray_address(address)
+        cpus, retries = whole_number("--cpus_per_fold", cpus_per_fold), whole_number("--fold_retries", fold_retries)
+        try:
+            gpus = float(gpus_per_fold)
+        except (TypeError, ValueError):
+            raise MedpipeError(f"--gpus_per_fold must be a number, got {gpus_per_fold!r}") from None
+        if cpus < 1 or gpus < 0 or retries < 0:
+            raise MedpipeError(f"--cpus_per_fold must be >= 1, --gpus_per_fold and --fold_retries >= 0; got "
+                               f"{cpus}, {gpus_per_fold}, {retries}")  # fmt: skip
+        return cls(str(address), cpus, gpus, retries)
+
+
+def _run_folds_on_cluster(
+    bundle_dir: Path, network: str | None, folds: int, split_mode: str, out_dir: Path, plan: ClusterPlan,
+    overrides: dict[str, Any],
+) -> None:
+    """Every fold as one Ray task running the fold function the process pool runs, with the plan's CPUs / GPUs.
+
+    A fold that fails (after Ray's retries when its worker or node died) or Ctrl-C / SIGTERM cancels the other
+    folds' tasks; the folds they left unfinished are removed, so the run folder holds complete folds only."""
+    from medpipe.cluster import Task, run_tasks
+
+    args = (plan.cpus_per_fold, Path(bundle_dir).resolve(), network)
+    tasks = [Task(f"fold {k}", (*args, k, folds, split_mode, Path(out_dir).resolve()), overrides) for k in range(folds)]
+    finished: list[str] = []
+
+    def report(task: Task, fold_dir: Path) -> None:
+        finished.append(task.name)
+        print(f"{task.name} finished ({len(finished)} of {folds}): {fold_dir}", flush=True)
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    try:
+        run_tasks(_fold_attempt, tasks, num_cpus=plan.cpus_per_fold, num_gpus=plan.gpus_per_fold,
+                  max_retries=plan.fold_retries, on_done=report)  # fmt: skip
+    except KeyboardInterrupt:
+        _drop_partial_folds(out_dir, folds)
+        raise _interrupted(out_dir, folds) from None
+    except MedpipeError as exc:
+        _drop_partial_folds(out_dir, folds)
+        raise MedpipeError(f"{exc}; the other folds were stopped, no summary written (cv_report on '{out_dir}' "
+                           "summarises the finished ones as incomplete)") from None  # fmt: skip
+    finally:
+        _restore_sigterm(previous)
+
+
 def run_cv(
     bundle: str,
     network: str | None = None,
@@ -356,31 +444,43 @@ def run_cv(
     out: str | None = None,
     parallel: int = 1,
     splits: str | None = None,
+    cluster: ClusterPlan | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train and evaluate folds 0..K-1, each scored on its own held-out fold, then write cv_summary.json.
 
-    `<out>/splits.json` is written first (from `splits` when given) and every fold job reads its lists from it."""
+    `<out>/splits.json` is written first (from `splits` when given) and every fold job reads its lists from it.
+    Folds run here (one after another, or `parallel` processes at a time) or, with `cluster`, as Ray tasks."""
     parallel, folds = whole_number("--parallel", parallel), whole_number("--folds", folds)
     if parallel < 1:
         raise MedpipeError(f"--parallel must be >= 1, got {parallel}")
     if folds < 2:
         raise MedpipeError(f"--folds must be at least 2, got {folds}")
+    if cluster is not None and parallel != 1:
+        raise MedpipeError("--parallel is for folds on this machine; on a --cluster, Ray runs as many folds at once "
+                           "as the nodes have --cpus_per_fold / --gpus_per_fold for")  # fmt: skip
     splits = splits or overrides.pop("splits_file", None)
     bundle_dir = find_bundle(bundle)
     out_dir = Path(out or f"results/{bundle_dir.name}/{network or 'default'}_{split_mode}")
     check_out_dir(out_dir, folds)
+    if cluster is not None:  # no cluster answering (or no Ray): one line before anything is written
+        from medpipe.cluster import connect
+
+        connect(cluster.address)
     writable_dir(out_dir, "--out folder")
     splits_path = write_run_splits(bundle_dir, network, folds, split_mode, out_dir, overrides, splits)
     jobs = dict(overrides)
     if _takes_splits_file(config_files(bundle_dir, "train", network)):
         jobs["splits_file"] = str(splits_path.resolve())
     started = time.perf_counter()
-    _run_folds(bundle_dir, network, folds, split_mode, out_dir, parallel, jobs)
+    if cluster is None:
+        _run_folds(bundle_dir, network, folds, split_mode, out_dir, parallel, jobs)
+    else:
+        _run_folds_on_cluster(bundle_dir, network, folds, split_mode, out_dir, cluster, jobs)
     info = {
         "bundle": bundle_dir.name, "network": network or "default", "split_mode": split_mode, "folds": folds,
         "overrides": overrides, "splits": str(splits_path), "parallel": parallel,
-        "wall_time_s": round(time.perf_counter() - started, 1),
+        **({"cluster": cluster.address} if cluster else {}), "wall_time_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     return write_summary(out_dir, info)
 
@@ -431,7 +531,7 @@ def rebuild_summary(out_dir: Path) -> dict[str, Any]:
     info = {}
     if previous.is_file():
         old = json.loads(previous.read_text())
-        kept = ("bundle", "network", "split_mode", "folds", "overrides", "splits", "parallel", "wall_time_s",
+        kept = ("bundle", "network", "split_mode", "folds", "overrides", "splits", "parallel", "cluster", "wall_time_s",
                 "rescored_from", "ensemble_of", "members", "wrong_by_every_member")
         info = {k: old[k] for k in kept if k in old}
     return write_summary(out_dir, info)

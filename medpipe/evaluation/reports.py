@@ -89,6 +89,25 @@ def predictions_csv(
     return buf.getvalue()
 
 
+def _csv_line(cells: Sequence[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerow(cells)  # the dialect predictions_csv writes with
+    return buf.getvalue()
+
+
+def split_predictions(text: str) -> tuple[str, dict[str, str]]:
+    """predictions.csv text as (its header line, {path: its row's line}): the parts a run in pieces merges."""
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    if not rows:
+        raise MedpipeError("predictions.csv is empty: it has no header")
+    return _csv_line(rows[0]), {row[0]: _csv_line(row) for row in rows[1:]}
+
+
+def join_predictions(header: str, rows: Sequence[str]) -> str:
+    """predictions.csv text from split_predictions' parts, rows in input order: what one run over all inputs writes."""
+    return header + "".join(rows)
+
+
 def _probabilities(pred: torch.Tensor) -> np.ndarray:
     """(C,) class probabilities from a post-processed prediction; one sigmoid output means P(class 1)."""
     p = torch.as_tensor(pred).detach().float().cpu().reshape(-1).numpy()

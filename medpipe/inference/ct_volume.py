@@ -32,7 +32,15 @@ from medpipe.files import atomic_write_text, distinct_names, staged_outputs
 from medpipe.inference.input_guard import OK, ct_route_planes
 from medpipe.io import ct, dicom_seg
 from medpipe.io.dicom import Volume
-from medpipe.transforms.ct_intensity import AIR_HU, MINMAX_MODES, check_axial_ct, ct_to_model_slices
+from medpipe.transforms.ct_intensity import (
+    AIR_HU,
+    HU_CT,
+    MINMAX_MODES,
+    check_axial_ct,
+    check_normalisation,
+    ct_to_model_slices,
+    hu_model_slices,
+)
 from medpipe.transforms.seg_postprocessing import (
     PADDING_HU,
     check_fraction,
@@ -146,6 +154,23 @@ def _stem(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "volume"
 
 
+def output_stems(paths: Sequence[str | Path]) -> list[str]:
+    """The file stem of each input's outputs (`<stem>_seg.nii.gz` …): a/s1 and b/s1 must not write over each other's
+    s1_seg.nii.gz, so names are planned over all the inputs of a run (medpipe.files.distinct_names)."""
+    return distinct_names([Path(p) for p in paths], _stem)
+
+
+def split_report(report: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """report.json as (everything but the volumes, {input: its volume entry}): the parts a run in pieces merges."""
+    header = {k: v for k, v in report.items() if k != "volumes"}
+    return header, {str(entry["input"]): entry for entry in report.get("volumes", [])}
+
+
+def join_report(header: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) -> str:
+    """report.json's text from split_report's parts, entries in input order: what one run over all inputs writes."""
+    return json.dumps({**header, "volumes": list(entries)}, indent=2)
+
+
 class VolumeSegmenter:
     """Segment lungs and infection in CT volumes with a trained 2-D network; write masks and a JSON report.
 
@@ -153,6 +178,11 @@ class VolumeSegmenter:
     `keep_components` > 0, lung labels outside the largest chest components are dropped (keep_lung_components);
     with `min_infection_fraction` > 0, smaller infection components of each axial slice become lung (the CV-chosen
     post-processing, medpipe.transforms.seg_postprocessing).
+
+    A model trained on HU volumes reads `window` "hu_ct": nnU-Net's CT normalisation with the `normalisation` figures
+    stored beside its checkpoint (medpipe.transforms.ct_intensity.hu_model_slices, as in its training), no CLAHE. The
+    two go together: figures with another window, or "hu_ct" without figures, are refused in one line, since either
+    would feed the model intensities it never saw.
     """
 
     def __init__(
@@ -171,12 +201,21 @@ class VolumeSegmenter:
         input_guard: Any = None,
         context_slices: int = 1,
         min_infection_fraction: float = 0.0,
+        normalisation: Mapping[str, Any] | None = None,
     ) -> None:
         self.network, self.image_size, self.inferer = network, image_size, inferer
         self.window = window if isinstance(window, str) else (float(window[0]), float(window[1]))
-        if isinstance(self.window, str) and self.window not in (*MINMAX_MODES, *ct.WINDOWS):
-            raise MedpipeError(f"window {self.window!r}: use one of {', '.join((*ct.WINDOWS, *MINMAX_MODES))} or a "
-                               "[level, width] pair")  # fmt: skip
+        if isinstance(self.window, str) and self.window not in (*MINMAX_MODES, *ct.WINDOWS, HU_CT):
+            raise MedpipeError(f"window {self.window!r}: use one of {', '.join((*ct.WINDOWS, *MINMAX_MODES, HU_CT))} "
+                               "or a [level, width] pair")  # fmt: skip
+        if normalisation is not None and self.window != HU_CT:
+            raise MedpipeError(f"window {self.window!r}: this model was trained on HU volumes and reads their stored "
+                               f"normalisation; use --window {HU_CT}")  # fmt: skip
+        if self.window == HU_CT and normalisation is None:
+            raise MedpipeError(f"window {HU_CT}: the checkpoint has no HU normalisation figures beside it "
+                               "(model.normalisation.json): it was trained on the PNG slices; use another window")
+        self.normalisation = None if normalisation is None else check_normalisation(dict(normalisation),
+                                                                                    "normalisation")  # fmt: skip
         if not isinstance(self.window, str):
             ct.window(np.zeros(1, np.float32), self.window)  # a bad width fails here, in one line, not mid-run
         self.slice_size, self.clip_limit, self.batch_size = slice_size, clip_limit, batch_size
@@ -189,7 +228,10 @@ class VolumeSegmenter:
     def segment(self, volume: Volume, name: str = "volume") -> np.ndarray:
         """uint8 label mask on the volume's own grid."""
         check_axial_ct(volume, name)
-        slices = ct_to_model_slices(volume, self.window, self.slice_size, self.clip_limit)
+        if self.normalisation is not None:  # a model trained on HU volumes: their input, at the model's size
+            slices = hu_model_slices(volume, self.normalisation, self.image_size)
+        else:
+            slices = ct_to_model_slices(volume, self.window, self.slice_size, self.clip_limit)
         probs = predict_slices(
             slices, self.network, self.inferer, self.image_size, self.batch_size, self.context_slices
         )
@@ -211,11 +253,20 @@ class VolumeSegmenter:
             "infection_percent_of_lung": round(100.0 * infection / lung, 3) if lung > 0 else None,
         }
 
-    def __call__(self, inputs: str | Path | Sequence[str | Path], output_dir: str | Path) -> dict[str, Any]:
-        """Segment every input (a DICOM series folder or a NIfTI file); write masks and `<output_dir>/report.json`."""
+    def __call__(
+        self, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
+        output_names: Sequence[str] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Segment every input (a DICOM series folder or a NIfTI file); write masks and `<output_dir>/report.json`.
+
+        `output_names`: the inputs' file stems, when they were planned over a larger set (output_stems) of which
+        these inputs are a part (medpipe.bundle.archive); default planned over these inputs."""
         paths = [Path(p) for p in path_list(inputs)]  # `--input 123` (a folder named 123) arrives as a number
         if not paths:
             raise MedpipeError("no input volumes given: pass --input <DICOM series folder or .nii.gz>")
+        stems = output_stems(paths) if output_names is None else [str(n) for n in path_list(output_names)]
+        if len(stems) != len(paths):
+            raise MedpipeError(f"output_names gives {len(stems)} name(s) for {len(paths)} input(s)")
         out_dir = Path(output_dir)
         # load and check everything first, so a bad input stops the run before anything is written
         volumes = [(path, ct.load_volume(path)) for path in paths]
@@ -225,11 +276,11 @@ class VolumeSegmenter:
             if self.write_dicom_seg and volume.source_files:
                 seg_blockers[path] = dicom_seg.volume_seg_blocker(volume)
         entries = []
-        stems = distinct_names(paths, _stem)  # a/s1 and b/s1 must not write over each other's s1_seg.nii.gz
         with staged_outputs(out_dir, "the segmentation outputs", last=(REPORT,)) as staging:
             for (path, volume), stem in zip(volumes, stems, strict=True):
                 entries.append(self._segment_and_write(path, volume, staging, seg_blockers.get(path), stem))
-            atomic_write_text(staging / REPORT, json.dumps(self._report(entries), indent=2))
+            header, _ = split_report(self._report([]))
+            atomic_write_text(staging / REPORT, join_report(header, entries))
         return self._report(entries)
 
     def _segment_and_write(
@@ -245,7 +296,7 @@ class VolumeSegmenter:
             files[key] = _write(target.name, partial(ct.write_mask_nifti, values, volume.affine, target))
         warnings = []
         if self.input_guard is not None:  # one verdict per series, from central slices in the lung window
-            window = "lung" if self.window in MINMAX_MODES else self.window
+            window = "lung" if self.window in (*MINMAX_MODES, HU_CT) else self.window
             planes = ct_route_planes(volume, window, self.slice_size)  # as the guard is fitted on real series
             _, guard = self.input_guard.check_volume(planes, str(path))
             if guard != OK:
@@ -282,20 +333,32 @@ class VolumeSegmenter:
             steps.append(f"infection components under {fraction:g} of an axial slice's area relabelled lung")
         return steps
 
+    def _intensity_steps(self) -> str:
+        """The input pipeline in words, up to the model's grid."""
+        if self.normalisation is not None:
+            figures = self.normalisation
+            return (f"HU clipped to [{figures['clip_low']:g}, {figures['clip_high']:g}], minus {figures['mean']:g}, "
+                    f"divided by {figures['std']:g} (nnU-Net CT normalisation, fitted on the training foreground) -> "
+                    f"axial slices resized to the model's {self.image_size}x{self.image_size}")  # fmt: skip
+        return (
+            (f"HU {self.window} (below {AIR_HU:g} as {AIR_HU:g})" if self.window in MINMAX_MODES
+             else f"HU window {self.window}")  # fmt: skip
+            + f" -> [0, 1] -> {self.slice_size}x{self.slice_size} axial slices -> 8-bit -> "
+            f"CLAHE (clip {self.clip_limit}, 8x8 tiles) -> model at {self.image_size}x{self.image_size}"
+        )
+
     def _report(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
         """report.json: run info, labels, the preprocessing in words, and one entry per volume."""
         return {
             **self.info,
             "labels": {"0": "background", **{str(k): v for k, v in self.label_names.items()}},
             "preprocessing": (
-                (f"HU {self.window} (below {AIR_HU:g} as {AIR_HU:g})" if self.window in MINMAX_MODES
-                 else f"HU window {self.window}")  # fmt: skip
-                + f" -> [0, 1] -> {self.slice_size}x{self.slice_size} axial slices -> 8-bit -> "
-                f"CLAHE (clip {self.clip_limit}, 8x8 tiles) -> model at {self.image_size}x{self.image_size}"
+                self._intensity_steps()
                 + (f" with {self.context_slices} neighbouring slices as channels" if self.context_slices > 1 else "")
                 + "; "
                 "probabilities resized back to the native grid, argmax; "
                 + "; ".join(self._postprocessing_steps() or ["no post-processing"])
             ),
+            **({"normalisation": self.normalisation} if self.normalisation is not None else {}),
             "volumes": entries,
         }

@@ -34,11 +34,21 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, path: str | Path, alpha: fl
     return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
-def grad_cam(network: nn.Module, images: torch.Tensor, target_layer: str) -> tuple[np.ndarray, np.ndarray]:
-    """(B, H, W) Grad-CAM maps in [0, 1] for each image's predicted class, and (B,) predicted class indices."""
+def _grad_cam_of(network: nn.Module, target_layer: str) -> Any:
+    """The network's GradCAM for `target_layer`, made once and kept on the network. monai's GradCAM registers forward
+    and backward hooks on the layer and keeps no handle to remove them: one made per batch would leave its hooks, and
+    the activations they hold, on the network batch after batch (a long inference run, a node's worker)."""
     from monai.visualize import GradCAM
 
-    cam = GradCAM(nn_module=network, target_layers=target_layer)
+    cams: dict[str, Any] = network.__dict__.setdefault("_medpipe_grad_cams", {})
+    if target_layer not in cams:
+        cams[target_layer] = GradCAM(nn_module=network, target_layers=target_layer)
+    return cams[target_layer]
+
+
+def grad_cam(network: nn.Module, images: torch.Tensor, target_layer: str) -> tuple[np.ndarray, np.ndarray]:
+    """(B, H, W) Grad-CAM maps in [0, 1] for each image's predicted class, and (B,) predicted class indices."""
+    cam = _grad_cam_of(network, target_layer)
     with torch.enable_grad():  # engines run under no_grad; Grad-CAM needs the backward pass
         maps = cam(images.float())
         predicted = cam.nn_module.class_idx

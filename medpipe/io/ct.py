@@ -40,13 +40,17 @@ _DISPLAY = axcodes2ornt(("L", "P", "S"))
 
 
 def load_volume(path: str | Path, on_gap: str = "error") -> Volume:
-    """A DICOM series folder or a NIfTI file, as a Volume (array + RAS affine + spacing)."""
+    """A DICOM series folder, a NIfTI file or a NRRD / MetaImage file (ITK), as a Volume (array + RAS affine +
+    spacing)."""
     path = Path(path)
     if path.is_dir():
         return load_series(path, on_gap)
     if path.name.endswith((".nii", ".nii.gz")):
         return load_nifti(path)
-    raise MedpipeError(f"{path}: not a DICOM series folder or a .nii/.nii.gz file")
+    if path.name.endswith(ITK_VOLUME_ENDINGS):
+        return load_itk(path)
+    raise MedpipeError(f"{path}: not a DICOM series folder or a {'/'.join(('.nii', '.nii.gz', *ITK_VOLUME_ENDINGS))} "
+                       "file")  # fmt: skip
 
 
 def load_nifti(path: str | Path) -> Volume:
@@ -121,12 +125,16 @@ def iter_slices(array: np.ndarray, affine: np.ndarray, size: int | Sequence[int]
         yield plane if target is None or target == plane.shape else _resize(plane[None], target, "bilinear")[0]
 
 
-def display_slices(array: np.ndarray, affine: np.ndarray, size: int | Sequence[int] | None = 256) -> np.ndarray:
-    """All of `iter_slices` as one (N, H, W) float32 array, resized in one call (the same values, faster)."""
+def display_slices(
+    array: np.ndarray, affine: np.ndarray, size: int | Sequence[int] | None = 256, mode: str = "bilinear"
+) -> np.ndarray:
+    """All of `iter_slices` as one (N, H, W) float32 array, resized in one call (the same values, faster).
+
+    `mode` "nearest-exact" resizes label maps (values kept, no blending between classes)."""
     display = _to_display(array, affine)
     planes = np.ascontiguousarray(display.transpose(2, 1, 0), dtype=np.float32)  # (S, rows=P, cols=L)
     target = _size2d(size)
-    return planes if target is None or target == planes.shape[1:] else _resize(planes, target, "bilinear")
+    return planes if target is None or target == planes.shape[1:] else _resize(planes, target, mode)
 
 
 def stack_slices(planes: Sequence[np.ndarray], shape: Sequence[int], affine: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
 """The node: the Storage SCP plus one worker loop that turns quiet series into jobs, runs each job's route and sends
 the results back.
 
-Work folder layout: `queue.sqlite` (the state), `incoming/<series UID>/<SOP UID>.dcm` (received, not yet in a
-job), `jobs/<id>/input/` (the job's instances, moved there) and `jobs/<id>/out/` (masks, report.json, SEG, SR).
+Work folder layout: `queue.sqlite` (the state), `incoming/<series UID>/<SOP UID>_<digest>.dcm` (received, not
+yet in a job; the content digest keeps a corrected re-send apart from the first), `jobs/<id>/input/` (the job's
+instances, moved there) and `jobs/<id>/out/` (masks, report.json, SEG, SR).
 Jobs run one at a time (a CPU node); series that arrive meanwhile wait in the queue."""
 
 from __future__ import annotations

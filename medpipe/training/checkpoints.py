@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,14 +101,17 @@ class TrainingCheckpoint:
         self, ckpt_dir: str, model: torch.nn.Module, state: dict[str, Any] | None = None,
         final_filename: str = "model.pt", last_filename: str = "last.pt",
         trained_on: Sequence[dict[str, Any]] | None = None, resume: bool = False,
+        sidecars: Mapping[str, Any] | None = None,
     ) -> None:  # fmt: skip
         from medpipe.files import check_writable_dir
 
         self.ckpt_dir = check_writable_dir(ckpt_dir, "--ckpt_dir")  # before any data is loaded, nothing created
         self.model, self.state = model, dict(state or {})
         self.final_filename, self.last_filename = final_filename, last_filename
-        self.trained_on = [str(Path(it["image"]).resolve()) for it in trained_on or [] if "image" in it]
-        self.resume = resume
+        # resolved and in first-seen order: the slices of one volume file count once
+        self.trained_on = list(dict.fromkeys(str(Path(it["image"]).resolve()) for it in trained_on or []
+                                             if "image" in it))  # fmt: skip
+        self.resume, self.sidecars = resume, dict(sidecars or {})
         self._lock: Path | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -155,18 +158,30 @@ class TrainingCheckpoint:
         self._save(_state_dicts(self.model, self.state, engine), self.last_filename)
 
     def save_final(self, engine: Engine) -> None:
-        if self.trained_on:
-            from medpipe.files import atomic_write_text
+        from medpipe.files import atomic_write_text
 
-            atomic_write_text(trained_on_file(self.ckpt_dir / self.final_filename), json.dumps(self.trained_on))
+        final = self.ckpt_dir / self.final_filename
+        if self.trained_on:
+            atomic_write_text(trained_on_file(final), json.dumps(self.trained_on))
+        for name, value in self.sidecars.items():  # before model.pt: a final model never lacks what it needs
+            if value is None:  # none for this model: one left by an earlier training must not pair with it
+                sidecar_file(final, name).unlink(missing_ok=True)
+            else:
+                atomic_write_text(sidecar_file(final, name), json.dumps(value, indent=1))
         path = self._save(self.model.state_dict(), self.final_filename)
         logger.info(f"saved the final model (epoch {engine.state.epoch}) to {path}")
 
 
+def sidecar_file(ckpt_path: str | Path, name: str) -> Path:
+    """`model.pt` → `model.<name>.json`: what a final model needs or records, written beside it (`trained_on`; the
+    HU `normalisation` of a model trained on volumes, medpipe.transforms.ct_intensity)."""
+    ckpt_path = Path(ckpt_path)
+    return ckpt_path.with_name(f"{ckpt_path.stem}.{name}.json")
+
+
 def trained_on_file(ckpt_path: str | Path) -> Path:
     """`model.pt` → `model.trained_on.json`: the images a final model was trained on, written beside it."""
-    ckpt_path = Path(ckpt_path)
-    return ckpt_path.with_name(ckpt_path.stem + ".trained_on.json")
+    return sidecar_file(ckpt_path, "trained_on")
 
 
 def read_trained_on(ckpt_path: str | Path) -> set[str]:
@@ -207,11 +222,30 @@ def _first_mismatch(own: dict[str, Any], theirs: Any) -> str | None:
     return f"'{extra[0]}' there is not in this network" if extra else None
 
 
+def _read_checkpoint(path: Path, map_location: Any) -> dict[str, Any] | str | None:
+    """A checkpoint's contents; None when there is no file; a one-line message when it cannot be read (sent to the
+    other ranks as is, so that every rank stops with the same line)."""
+    from medpipe.errors import first_line
+
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, pickled objects: weights_only refuses them
+        return (
+            f"--resume: '{path}' cannot be read as a checkpoint ({first_line(exc)}); train afresh into a new --ckpt_dir"
+        )
+
+
 class ResumeTraining:
     """With `--resume true`: before the first epoch, load `last.pt` (see TrainingCheckpoint) into the model,
     optimizer, scheduler… and the trainer's epoch counter, on every rank, so a killed run goes on where its last
     finished epoch ended and stops at the same `epochs`. No `last.pt` yet: train from the start (same command for
-    the first start and every restart)."""
+    the first start and every restart).
+
+    Rank 0 reads the file and hands it to the other ranks: it wrote it, and on a multi-node job the other nodes may
+    not see its --ckpt_dir. Were each rank to look for itself, one that saw no file would train from epoch 0 while
+    rank 0 resumed, and their collectives would no longer pair up."""
 
     def __init__(
         self, path: str, model: torch.nn.Module, state: dict[str, Any] | None = None, map_location: Any = "cpu"
@@ -224,11 +258,16 @@ class ResumeTraining:
 
     def __call__(self, engine: Engine) -> None:
         from medpipe.errors import MedpipeError
+        from medpipe.training.distributed import from_main_rank, is_distributed
 
-        if not self.path.is_file():
+        # across ranks the state travels on the CPU; load_state_dict copies it onto each rank's own device
+        map_location = "cpu" if is_distributed() else self.map_location
+        ckpt = from_main_rank(lambda: _read_checkpoint(self.path, map_location))
+        if ckpt is None:
             logger.warning(f"--resume: no checkpoint '{self.path}' yet, training from the start")
             return
-        ckpt = torch.load(self.path, map_location=self.map_location, weights_only=True)
+        if isinstance(ckpt, str):
+            raise MedpipeError(ckpt)
         missing = [k for k in ["model", "trainer", *self.state] if k not in ckpt]
         if missing:
             raise MedpipeError(f"'{self.path}' lacks {missing}: not a resume checkpoint written by this bundle")

@@ -1,19 +1,50 @@
 """Rank-aware helpers for the bundles' multi_gpu_train.json (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE).
 
-The device comes from LOCAL_RANK (the GPU on this node), never from the global rank (model-zoo#444); CPU runs use
-gloo, so the same overlay is tested on CPU CI."""
+The device comes from LOCAL_RANK (the GPU on this node), never from the global rank (model-zoo#444); what happens
+once per job (checkpoints, the MLflow run, INFO logging, reading last.pt) keys on the global rank, so the same overlay
+runs on one node or several (`torchrun --nnodes N`, docs/scale.md). CPU runs use gloo, so it is tested on CPU CI."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
 
 def is_main_rank() -> bool:
-    """True on rank 0 or when not distributed: only this process writes checkpoints and tracking runs."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """True on global rank 0 or when not distributed: only this process writes checkpoints and tracking runs.
+
+    Global, not LOCAL_RANK: with `--nnodes 2 --nproc_per_node 1` every process is local rank 0 of its node."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def from_main_rank(read: Callable[[], T]) -> T:
+    """`read()` on rank 0, its result handed to every rank (pickled through the process group); plain `read()` when
+    not distributed. For files that only rank 0 is sure to see: a checkpoint folder on rank 0's machine is not
+    shared storage on a multi-node job."""
+    if not is_distributed():
+        return read()
+    box: list[Any] = [read() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def quiet_other_ranks() -> None:
+    """Ranks other than 0 log warnings and errors only: N copies of every epoch line say nothing more than one."""
+    if is_main_rank():
+        return
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(max(handler.level, logging.WARNING))
 
 
 def local_device() -> torch.device:
@@ -43,6 +74,7 @@ def init_process_group() -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     idist.sync()
+    quiet_other_ranks()
 
 
 def destroy_process_group() -> None:

@@ -1,9 +1,15 @@
 """CT volumes to the model's input slices: the checks a volume must pass (axial, in HU) and the intensity pipeline
 the COVID CT training slices went through (HU min-max per slice, or an HU window → [0, 1] → 256² → 8-bit → CLAHE →
 min-max). Volumetric inference (medpipe.inference.ct_volume) and infection-free training slices
-(medpipe.transforms.infection_free) both use it, so training and inference see the same intensities."""
+(medpipe.transforms.infection_free) both use it, so training and inference see the same intensities. A model trained
+on HU volumes (medpipe.transforms.volume_slices) reads nnU-Net's CT normalisation instead (`hu_model_slices`), with
+figures fitted on its training data and stored beside it."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,3 +83,79 @@ def ct_to_model_slices(
     # the training loader min-max scales each PNG (medpipe.imageio); do the same so 0/255 map identically
     low, high = out.min(axis=(1, 2), keepdims=True), out.max(axis=(1, 2), keepdims=True)
     return np.where(high > low, (out - low) / np.maximum(high - low, 1e-6), 0.0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ HU volumes, nnU-Net's CT
+# A model trained on HU volumes (medpipe.data.layouts) sees nnU-Net's CT normalisation (CTNormalization): HU clipped
+# to the 0.5 / 99.5 percentiles of the training cases' foreground voxels, then z-scored with their mean and standard
+# deviation. The figures are fitted once on the training data and stored beside the model, so evaluation and
+# volumetric inference apply exactly the same numbers.
+
+HU_CT = "hu_ct"  # the `window` of a model trained on HU volumes: the stored figures, no CLAHE
+NORMALISATION_SCHEME = "nnunet_ct"
+FOREGROUND_SAMPLES = 10000  # nnU-Net samples this many foreground voxels per case, with replacement, seed 1234
+FOREGROUND_SEED = 1234
+PERCENTILES = (0.5, 99.5)
+
+
+def foreground_samples(hu: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """nnU-Net's sample of one case's foreground intensities (10,000 drawn with replacement, RandomState(1234))."""
+    values = np.asarray(hu)[np.asarray(foreground, dtype=bool)]
+    if not len(values):
+        return np.zeros(0, dtype=np.float64)
+    return np.random.RandomState(FOREGROUND_SEED).choice(values, FOREGROUND_SAMPLES, replace=True).astype(np.float64)
+
+
+def fit_ct_normalisation(samples: list[np.ndarray], cases: int) -> dict[str, Any]:
+    """The figures of nnU-Net's CT normalisation from the training cases' foreground samples; one line when the
+    training cases hold no foreground (nothing to fit them on)."""
+    values = np.concatenate(samples) if samples else np.zeros(0)
+    if not len(values):
+        raise MedpipeError("HU normalisation: the training cases hold no labelled (foreground) voxel to fit it on")
+    low, high = (float(v) for v in np.percentile(values, PERCENTILES))
+    return {
+        "scheme": NORMALISATION_SCHEME, "clip_low": low, "clip_high": high, "mean": float(values.mean()),
+        "std": float(values.std()), "percentiles": list(PERCENTILES), "cases": int(cases),
+        "samples_per_case": FOREGROUND_SAMPLES, "seed": FOREGROUND_SEED,
+        "fitted_on": "foreground (labelled) voxels of the training cases, in HU",
+    }  # fmt: skip
+
+
+def check_normalisation(figures: Any, where: str) -> dict[str, Any]:
+    """The stored figures, or one line saying what is wrong with them (`where` names the file)."""
+    if not isinstance(figures, dict) or figures.get("scheme") != NORMALISATION_SCHEME:
+        raise MedpipeError(f"{where}: not HU normalisation figures (scheme '{NORMALISATION_SCHEME}' expected)")
+    try:
+        low, high, mean, std = (float(figures[k]) for k in ("clip_low", "clip_high", "mean", "std"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MedpipeError(f"{where}: clip_low, clip_high, mean and std must be numbers ({exc})") from None
+    if not all(np.isfinite([low, high, mean, std])) or low > high or std < 0:
+        raise MedpipeError(f"{where}: clip [{low:g}, {high:g}], std {std:g}: not usable figures")
+    return dict(figures)
+
+
+def read_normalisation(path: str | Path) -> dict[str, Any] | None:
+    """The figures stored beside a model (`model.normalisation.json`), checked; None when there is no such file (a
+    model trained on the PNG slices)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        figures = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MedpipeError(f"{path}: unreadable HU normalisation figures ({exc})") from None
+    return check_normalisation(figures, str(path))
+
+
+def normalise_hu(hu: np.ndarray, figures: dict[str, Any]) -> np.ndarray:
+    """HU clipped to [clip_low, clip_high], then (x - mean) / std, in float32 (nnU-Net's CTNormalization)."""
+    out = np.clip(np.asarray(hu, dtype=np.float32), np.float32(figures["clip_low"]), np.float32(figures["clip_high"]))
+    out -= np.float32(figures["mean"])
+    out /= np.float32(max(float(figures["std"]), 1e-8))
+    return out
+
+
+def hu_model_slices(volume: Volume, figures: dict[str, Any], size: int) -> np.ndarray:
+    """(N, size, size) float32 axial display slices of a HU volume, normalised with `figures`, resized in-plane
+    (bilinear, antialiased when shrinking): what a model trained on HU volumes reads, at training and inference."""
+    return ct.display_slices(normalise_hu(volume.array, figures), volume.affine, size=size)

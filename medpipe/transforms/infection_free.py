@@ -79,9 +79,16 @@ def series_items(
 
 
 def infection_free_items(
-    sources: Sequence[str | Path], window: str = "minmax_slice", slice_size: int = 256, context_slices: int = 1
+    sources: Sequence[str | Path], window: str = "minmax_slice", slice_size: int = 256, context_slices: int = 1,
+    layout: str = "png",
 ) -> list[dict[str, Any]]:
-    """Training items of every source (a DICOM series folder, or a slice-label CSV's label-negative slices)."""
+    """Training items of every source (a DICOM series folder, or a slice-label CSV's label-negative slices).
+
+    Only beside the PNG slices (`layout` png): their intensities are those of the PNGs; a model trained on a volume
+    layout reads HU with another normalisation, and its volumes carry their infection-free slices themselves."""
+    if sources and layout != "png":
+        raise MedpipeError(f"--infection_free adds slices in the PNG slices' intensities; the {layout} volumes train "
+                           "in HU (their slices without infection teach 'none' already): leave --infection_free out")
     items: list[dict[str, Any]] = []
     for source in sources:
         path = Path(source)

@@ -16,6 +16,7 @@ from monai.transforms import MapTransform, Randomizable
 from medpipe.errors import MedpipeError
 from medpipe.io.images import load_grey_2d
 from medpipe.transforms.infection_free import PIXELS_KEY
+from medpipe.transforms.slice_context import VOLUME_SLICE_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +44,24 @@ class LoadSegSliced(MapTransform):
     Refuses, in one line naming the file: an image and label of different sizes, and label values that are not
     classes 0..num_classes-1 (a 0/255 mask given where 0/1/2 is expected, say). An item with a `context` list
     (medpipe.transforms.slice_context) loads those slices as the channels instead: (k, H, W), the slice in the middle.
+    An item cut from a 3-D volume (medpipe.data.layouts) is read by `volumes`, a
+    medpipe.transforms.volume_slices.VolumeSliceReader: the same tensors, at the model's size already.
     """
 
     def __init__(
-        self, num_classes: int, image_key: str = "image", label_key: str = "label", context_key: str = "context"
-    ) -> None:
+        self, num_classes: int, image_key: str = "image", label_key: str = "label", context_key: str = "context",
+        volumes: Any = None,
+    ) -> None:  # fmt: skip
         super().__init__([image_key, label_key], allow_missing_keys=True)
         self.num_classes, self.image_key, self.label_key = num_classes, image_key, label_key
-        self.context_key = context_key
+        self.context_key, self.volumes = context_key, volumes
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
+        if VOLUME_SLICE_KEY in out:
+            if self.volumes is None:
+                raise MedpipeError(f"'{out[self.image_key]}': a volume slice, but this loader reads 2-D slices only")
+            return self.volumes(out)
         if PIXELS_KEY in out:  # an infection-free slice, already in model intensities (transforms.infection_free)
             out[self.image_key] = torch.as_tensor(np.asarray(out.pop(PIXELS_KEY), dtype=np.float32))
             out[self.label_key] = torch.as_tensor(np.asarray(out[self.label_key], dtype=np.uint8))

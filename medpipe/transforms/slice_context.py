@@ -17,6 +17,7 @@ import numpy as np
 from medpipe.errors import MedpipeError
 
 CONTEXT_KEY = "context"
+VOLUME_SLICE_KEY = "slice"  # an item cut from a 3-D volume (medpipe.data.layouts): its axial slice index
 
 
 def check_context_slices(k: int) -> int:
@@ -34,13 +35,17 @@ def neighbour_offsets(k: int) -> range:
 
 
 def add_slice_context(items: Sequence[Mapping[str, Any]], k: int) -> list[dict[str, Any]]:
-    """Copies of `items` with `context`: the image paths of the k slices centred on each (k = 1: items unchanged)."""
+    """Copies of `items` with `context`: the image paths of the k slices centred on each (k = 1: items unchanged).
+
+    Items cut from a 3-D volume (a `slice` key, medpipe.data.layouts) are copied as they are: their neighbours are
+    taken from the volume when it is read (medpipe.transforms.volume_slices)."""
     offsets = neighbour_offsets(k)
     if k == 1:
         return [dict(it) for it in items]
     by_group: dict[str, list[int]] = defaultdict(list)
     for i, item in enumerate(items):
-        by_group[str(item.get("group", item.get("volume_group", "")))].append(i)
+        if VOLUME_SLICE_KEY not in item:
+            by_group[str(item.get("group", item.get("volume_group", "")))].append(i)
     out = [dict(it) for it in items]
     for members in by_group.values():
         ordered = sorted(members, key=lambda i: (_index(items[i]), i))
