@@ -1,10 +1,13 @@
-"""The real CIP chest CT (`ct_volumes/cip_ct64`) laid out by a test as an nnU-Net v2 raw folder or an MSD datalist
-folder: shared by the data set check's tests and the volume-layout training tests."""
+"""The real CIP chest CT (`ct_volumes/cip_ct64`) laid out by a test as an nnU-Net v2 raw folder, an MSD datalist
+folder or its DICOM series with a DICOM-SEG: shared by the data set check's tests and the volume-layout training
+tests."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -68,3 +71,54 @@ def msd(root: Path, cip: tuple, description: dict | None = None, cases: Cases | 
     (folder / "dataset.json").write_text(json.dumps(description or {**MSD_JSON, "numTraining": len(cases),
                                                                      "training": training}))  # fmt: skip
     return folder
+
+
+# ----------------------------------------------------------------------------------------- DICOM series + DICOM-SEG
+
+
+def cip_series(case: Path) -> Any:
+    """The CIP DICOM series (its 79 files) copied into the case folder `case`, loaded as medpipe reads it."""
+    from medpipe.io.dicom import load_series
+
+    case.mkdir(parents=True, exist_ok=True)
+    for path in sorted((real_dataset("ct_volumes") / "cip_ct64" / "dicom").iterdir()):
+        shutil.copy(path, case / path.name)
+    return load_series(case)
+
+
+def dicom_seg(root: Path, cip: tuple, mask: np.ndarray | None = None, labels: dict[int, str] | None = None) -> Path:
+    """`root/DicomSeg_CIP/cip/`: the CIP DICOM series and a DICOM-SEG of `mask` (the whole-lung mask) written by
+    medpipe's own writer (medpipe.io.dicom_seg.write_dicom_seg)."""
+    from medpipe.io.dicom_seg import write_dicom_seg
+
+    folder = root / "DicomSeg_CIP"
+    volume = cip_series(folder / "cip")
+    assert np.allclose(volume.affine, cip[2])  # the series lies on the NRRD files' grid: the mask fits it as it is
+    write_dicom_seg(cip[1] if mask is None else mask, volume, folder / "cip" / "lung.seg.dcm", labels or {1: "lung"})
+    return folder
+
+
+def highdicom_seg(case: Path, volume: Any, segments: np.ndarray, fractional: bool = False) -> Path:
+    """A SEG of the series in `case` written with highdicom itself, for what medpipe's writer never writes:
+    `segments` (i, j, k, S) may overlap, or hold fractions."""
+    import highdicom as hd
+    import pydicom
+
+    from medpipe.io.dicom_seg import prepare_sources, segment_coding
+
+    sources = prepare_sources([pydicom.dcmread(f, stop_before_pixels=True) for f in volume.source_files])
+    descriptions = []
+    for number in range(1, segments.shape[-1] + 1):
+        coding = segment_coding(f"lung {number}")
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=f"lung {number}", segmented_property_category=coding.category,
+            segmented_property_type=coding.type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL))  # fmt: skip
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=np.ascontiguousarray(segments.transpose(2, 1, 0, 3)),
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else
+        hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions, series_instance_uid=hd.UID(),
+        series_number=2000, sop_instance_uid=hd.UID(), instance_number=1, manufacturer="test",
+        manufacturer_model_name="test", software_versions="0", device_serial_number="0", omit_empty_frames=False,
+    )  # fmt: skip
+    seg.save_as(case / "seg.dcm")
+    return case / "seg.dcm"

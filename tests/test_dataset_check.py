@@ -1,5 +1,6 @@
-"""`medpipe dataset check`: the real CIP chest CT (ct_volumes/cip_ct64) as an nnU-Net v2 raw folder and as an MSD
-datalist, checked through the real CLI; each fault is refused with its own one line and a non-zero exit."""
+"""`medpipe dataset check`: the real CIP chest CT (ct_volumes/cip_ct64) as an nnU-Net v2 raw folder, as an MSD
+datalist and as its DICOM series with a DICOM-SEG, checked through the real CLI; each fault is refused with its own
+one line and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
-from cip_layouts import MSD_JSON, NNUNET_JSON, msd, nnunet, read_cip, save
+from cip_layouts import MSD_JSON, NNUNET_JSON, cip_series, dicom_seg, highdicom_seg, msd, nnunet, read_cip, save
 
 from conftest import REPO, real_dataset
 from medpipe.data.integrity import check_dataset
@@ -211,3 +213,88 @@ def test_labels_map_onto_covid_ct_seg_by_name_or_by_label_map(cip: tuple, tmp_pa
         "medpipe error: --label_map: 'liver' is not a class of covid_ct_seg "
         "(background, infection, lung, lung_not_infected)"
     )
+
+
+# ------------------------------------------------------------------------------------------ DICOM series + DICOM-SEG
+
+
+def test_dicom_seg_layout_passes_with_the_nnunet_layouts_summary(cip: tuple, tmp_path: Path) -> None:
+    folder = dicom_seg(tmp_path, cip)  # no dataset.json: the layout is read from the SEG in the case folder
+    result = medpipe_dataset_check(str(folder))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0].endswith("(DICOM series + DICOM-SEG)")
+    assert "    1  lung                      1  65,624" in result.stdout
+    nifti = medpipe_dataset_check(str(nnunet(tmp_path, cip)))
+    assert result.stdout.splitlines()[1:] == nifti.stdout.splitlines()[1:]  # cases, labels, voxels, geometry, HU
+
+
+def _restamp(folder: Path, change: Callable[[pydicom.Dataset], None], which: slice = slice(None)) -> Path:
+    """The case's CT files rewritten after `change` (the SEG beside them left as written)."""
+    for path in sorted((folder / "cip").glob("IMG*.dcm"))[which]:
+        ds = pydicom.dcmread(path)
+        change(ds)
+        ds.save_as(path)
+    return folder
+
+
+def _seg_of_another_series(root: Path, cip: tuple) -> Path:
+    uid = pydicom.uid.generate_uid()
+    return _restamp(dicom_seg(root, cip), lambda ds: setattr(ds, "SeriesInstanceUID", uid))
+
+
+def _frame_of_a_missing_instance(root: Path, cip: tuple) -> Path:
+    def new_uid(ds: pydicom.Dataset) -> None:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+
+    return _restamp(dicom_seg(root, cip), new_uid, slice(40, 41))
+
+
+def _overlapping_segments(root: Path, cip: tuple) -> Path:
+    case = root / "DicomSeg_CIP" / "cip"
+    right = cip[1].copy()
+    right[32:] = 0  # segment 2 lies inside segment 1
+    highdicom_seg(case, cip_series(case), np.stack([cip[1], right], axis=-1))
+    return case.parent
+
+
+def _fractional_seg(root: Path, cip: tuple) -> Path:
+    case = root / "DicomSeg_CIP" / "cip"
+    highdicom_seg(case, cip_series(case), cip[1][..., None].astype(np.float32) * 0.5, fractional=True)
+    return case.parent
+
+
+def _no_seg(root: Path, cip: tuple) -> Path:
+    folder = dicom_seg(root, cip)
+    cip_series(folder / "cip2")  # a second case folder: its series, no SEG
+    return folder
+
+
+def _segment_named_twice(root: Path, cip: tuple) -> Path:
+    from medpipe.io.dicom_seg import write_dicom_seg
+
+    folder = dicom_seg(root, cip)  # case cip: segment 1 is "lung"
+    write_dicom_seg(cip[1], cip_series(folder / "cip2"), folder / "cip2" / "seg.dcm", {1: "left lung"})
+    return folder
+
+
+SEG_FAULTS: dict[str, tuple[Callable[[Path, tuple], Path], str]] = {
+    "seg_of_another_series": (_seg_of_another_series, "case cip: cip/lung.seg.dcm: references series "),
+    "frame_of_a_missing_instance": (_frame_of_a_missing_instance, (
+        "case cip: cip/lung.seg.dcm: 1 of 79 frame(s) reference instance(s) the series lacks (")),
+    "overlapping_segments": (_overlapping_segments, (
+        "case cip: cip/seg.dcm: ", "voxel(s) lie in more than one segment; medpipe needs one label per voxel")),
+    "fractional_seg": (_fractional_seg, (
+        "case cip: cip/seg.dcm: SegmentationType FRACTIONAL; medpipe reads binary segments only")),
+    "segment_named_twice": (_segment_named_twice, (
+        "case cip2: cip2/seg.dcm: segment 1 is 'left lung', in case cip 'lung'; a segment number must name one label")),
+    "no_seg": (_no_seg, "case cip2: no DICOM-SEG file(s) in cip2/; a case holds one SEG beside its series"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(SEG_FAULTS))
+def test_each_dicom_seg_fault_is_one_line(fault: str, cip: tuple, tmp_path: Path) -> None:
+    build, expected = SEG_FAULTS[fault]
+    report = check_dataset(build(tmp_path, cip))
+    assert report.layout == "dicom_seg" and len(report.problems) == 1, report.problems
+    for part in [expected] if isinstance(expected, str) else expected:
+        assert part in report.problems[0], report.problems

@@ -2,8 +2,9 @@
 (`ct_volumes/cip_ct64`) and its mirror image laid out by the test as an nnU-Net v2 raw folder and as an MSD datalist
 folder. Both layouts give the same slices in the same geometry and, with one seed, the same weights; the HU
 normalisation is fitted on the training case, stored beside the model and applied by evaluation and volumetric
-inference; a bad data set is refused in one line before training. Last, the shipped PNG slices converted to an
-nnU-Net raw folder pass the data set check."""
+inference; a bad data set is refused in one line before training. The CIP DICOM series with a DICOM-SEG gives the
+nnU-Net layout's slices voxel for voxel. Last, the shipped PNG slices converted to an nnU-Net raw folder pass the data
+set check."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cip_layouts import msd, nnunet, read_cip, two_cases
+from cip_layouts import dicom_seg, msd, nnunet, read_cip, two_cases
 
 from conftest import REPO, real_dataset
 from medpipe.bundle.config import run_bundle
@@ -158,6 +159,28 @@ def test_inference_applies_the_stored_normalisation(trained: dict[str, Path], fo
     message = refusal("inference", output_dir=str(tmp_path / "c"), window="lung", **infer)
     assert "trained on HU volumes and reads their stored normalisation; use --window hu_ct" in message
     assert not (tmp_path / "c").exists()
+
+
+def test_dicom_seg_gives_the_nnunet_layouts_slices_voxel_for_voxel(cip: tuple, tmp_path: Path) -> None:
+    """The CIP DICOM series with a SEG of its lung mask (medpipe's own writer) against the same CT and mask as an
+    nnU-Net folder: the same items (all training, fold -1), the same image and label slices."""
+    classes = bundle_classes(BUNDLE)
+    lists = {
+        name: segmentation_datalists(folder, "auto", -1, 2, 0, bundle="covid_ct_seg",
+                                     class_names=classes["class_names"], structures=classes["structures"],
+                                     absent_structures="infection")["train"]
+        for name, folder in [("seg", dicom_seg(tmp_path, cip)), ("nnunet", nnunet(tmp_path, cip))]
+    }  # fmt: skip
+    keys = ("path", "group", "slice", "label_classes")
+    assert [[it[k] for k in keys] for it in lists["seg"]] == [[it[k] for k in keys] for it in lists["nnunet"]]
+    assert len(lists["seg"]) == 79 and lists["seg"][0]["label"].endswith("cip/lung.seg.dcm")
+    reader = VolumeSliceReader(64, 3, FIGURES)
+    lung_voxels = 0
+    for seg_item, nn_item in zip(lists["seg"], lists["nnunet"], strict=True):
+        a, b = reader(seg_item), reader(nn_item)
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+        lung_voxels += int(a["label"].sum())
+    assert lung_voxels == 65_624
 
 
 # ------------------------------------------------------------------------------------------------------- refusals

@@ -424,12 +424,13 @@ def dataset_command(
     bundle: str | None = None, label_map: Any = None, absent_structures: Any = None, to: str | None = None,
     max_cases: int = -1,
 ) -> None:
-    """medpipe dataset check PATH [--layout nnunet|msd] [--bundle NAME [--label_map JSON] [--absent_structures S]]
+    """medpipe dataset check PATH [--layout nnunet|msd|dicom_seg] [--bundle NAME [--label_map JSON]
+    [--absent_structures S]]
     medpipe dataset convert SRC DST --to nnunet [--max_cases N]
 
-    check: a segmentation data set (nnU-Net v2 raw or MSD / MONAI datalist, docs/datasets.md): one `error:` line per
-    problem, then a summary (cases, labels and voxel counts, spacings, orientations, intensity range); exits non-zero
-    on any problem. --bundle NAME: also map the labels onto the bundle's classes, by name or by
+    check: a segmentation data set (nnU-Net v2 raw, MSD / MONAI datalist or DICOM + DICOM-SEG, docs/datasets.md):
+    one `error:` line per problem, then a summary (cases, labels and voxel counts, spacings, orientations, intensity
+    range); exits non-zero on any problem. --bundle NAME: also map the labels onto the bundle's classes, by name or by
     --label_map '{"lung": ["left lung", "right lung"]}'; --absent_structures infection: the data set holds none.
     convert: the covid_ct_seg PNG slices (datalist.json) into an nnU-Net v2 raw folder DST, each volume group's
     slices stacked in source_index order (--max_cases N: the first N volume groups).
@@ -445,8 +446,8 @@ def dataset_command(
         print(f"wrote {written['cases']} case(s) ({written['slices']} slices) to {written['folder']}")
         return
     if action != "check" or path is None or dst is not None:
-        raise MedpipeError("usage: medpipe dataset check PATH [--layout nnunet|msd] [--bundle NAME] [--label_map JSON]"
-                           " | medpipe dataset convert SRC DST --to nnunet")
+        raise MedpipeError("usage: medpipe dataset check PATH [--layout nnunet|msd|dicom_seg] [--bundle NAME] "
+                           "[--label_map JSON] | medpipe dataset convert SRC DST --to nnunet")
     classes = None
     if bundle is not None:
         from medpipe.bundle.config import find_bundle

@@ -3,12 +3,14 @@
 In the spirit of nnU-Net's `--verify_dataset_integrity`: every case's images and label are read (NIfTI with nibabel,
 NRRD / MetaImage with ITK, through `medpipe.io.ct`) and checked against each other and against `dataset.json`. Each
 problem is one line naming the case and the file; the summary says what the set holds (cases, labels and their voxel
-counts, spacings, orientations, intensity range). Two layouts (docs/datasets.md):
+counts, spacings, orientations, intensity range). Three layouts (docs/datasets.md):
 
 - `nnunet`: nnU-Net v2 raw, `imagesTr/<case>_<XXXX><ending>`, `labelsTr/<case><ending>`, `dataset.json` with
   `channel_names`, `labels` (name -> value), `numTraining`, `file_ending`;
 - `msd`: a Medical Segmentation Decathlon / MONAI datalist, `dataset.json` with `training: [{image, label}]` (paths
-  relative to the folder) and `labels` (value -> name).
+  relative to the folder) and `labels` (value -> name);
+- `dicom_seg`: no dataset.json; one folder per case holding a DICOM series and one DICOM-SEG of it (PACS, 3D Slicer,
+  OHIF exports), label value = segment number, label name = SegmentLabel (medpipe.io.dicom_seg_read).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import numpy as np
 
 from medpipe.errors import MedpipeError
 
-LAYOUTS = ("nnunet", "msd")
+LAYOUTS = ("nnunet", "msd", "dicom_seg")
+DICOM_SEG = "dicom_seg"
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 # geometry tolerances: nnU-Net compares spacing, origin and direction with np.allclose; an absolute 1e-4 mm on top of
 # its relative 1e-5 lets float32 NIfTI headers of the same grid agree
@@ -84,15 +87,19 @@ def check_dataset(
     root = Path(root).resolve()  # MSD paths are resolved against it ("./imagesTr/x.nii.gz")
     if not root.is_dir():
         raise MedpipeError(f"{root}: no such folder (give the data set's folder, the one holding dataset.json)")
-    description = _read_json(root / "dataset.json")
-    layout = detect_layout(root, description) if layout is None else layout
-    if layout not in LAYOUTS:
+    if layout is None and not (root / "dataset.json").is_file() and has_dicom_seg_cases(root):
+        layout = DICOM_SEG
+    if layout is not None and layout not in LAYOUTS:
         raise MedpipeError(f"--layout {layout}: unknown layout; use one of {', '.join(LAYOUTS)}")
+    description = {} if layout == DICOM_SEG else _read_json(root / "dataset.json")
+    layout = detect_layout(root, description) if layout is None else layout
     report = Report(root, layout)
     if layout == "nnunet":
         _read_nnunet(root, description, report)
-    else:
+    elif layout == "msd":
         _read_msd(root, description, report)
+    else:
+        _read_dicom_seg(root, report)
     for case in report.cases:
         _check_case(case, report)
     if bundle_classes is not None:
@@ -114,7 +121,8 @@ def detect_layout(root: Path, description: dict[str, Any]) -> str:
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise MedpipeError(f"{path.parent}: no dataset.json (see docs/datasets.md for the layouts medpipe reads)")
+        raise MedpipeError(f"{path.parent}: no dataset.json, nor case folders holding a DICOM-SEG (see "
+                           "docs/datasets.md for the layouts medpipe reads)")
     try:
         description = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -274,6 +282,62 @@ def _read_msd(root: Path, description: dict[str, Any], report: Report) -> None:
                 report.problems.append(f"{_rel(report, path)}: not listed in dataset.json (training or test)")
 
 
+# ------------------------------------------------------------------------------------ DICOM series + DICOM-SEG
+
+
+def _case_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _seg_files(folder: Path) -> list[Path]:
+    """The DICOM-SEG files anywhere under a case folder."""
+    from medpipe.io.dicom_seg_read import is_seg_file
+
+    return [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".") and is_seg_file(p)]
+
+
+def has_dicom_seg_cases(root: Path) -> bool:
+    """Whether some sub-folder of `root` holds a DICOM-SEG (the `dicom_seg` layout, detected without dataset.json)."""
+    return any(_seg_files(folder) for folder in _case_folders(root))
+
+
+def _read_dicom_seg(root: Path, report: Report) -> None:
+    """One case per sub-folder: its DICOM series (read later by medpipe.io.dicom.load_series, which leaves the SEG
+    out) and its one SEG. Label values are segment numbers and must name the same label in every case, as
+    dataset.json's `labels` would."""
+    from medpipe.io.dicom_seg_read import read_seg_header
+
+    report.channels = {"0": "CT"}  # one series per case: the CT bundles read one channel
+    report.labels = {0: "background"}
+    first: dict[int, str] = {}  # segment number -> the case that named it first
+    for folder in _case_folders(root):
+        segs = _seg_files(folder)
+        if len(segs) != 1:
+            found = f"{len(segs)} ({', '.join(_rel(report, p) for p in segs)})" if segs else "no"
+            report.problems.append(f"case {folder.name}: {found} DICOM-SEG file(s) in {folder.name}/; a case holds "
+                                   "one SEG beside its series")  # fmt: skip
+            continue
+        try:
+            header = read_seg_header(segs[0])
+        except MedpipeError as exc:
+            report.problems.append(f"case {folder.name}: {_rel(report, segs[0])}: {str(exc).split(': ', 1)[-1]}")
+            continue
+        clash = [n for n, name in header.segments.items() if n in first and _norm(report.labels[n]) != _norm(name)]
+        if clash:
+            n = clash[0]
+            report.problems.append(f"case {folder.name}: {_rel(report, segs[0])}: segment {n} is "
+                                   f"'{header.segments[n]}', in case {first[n]} '{report.labels[n]}'; a segment "
+                                   "number must name one label in every case")  # fmt: skip
+            continue
+        for number, name in header.segments.items():
+            report.labels.setdefault(number, name)
+            first.setdefault(number, folder.name)
+        report.cases.append(Case(folder.name, [folder], segs[0]))
+    if not report.cases and not report.problems:
+        report.problems.append(f"{root}: no case folder holding a DICOM series and its DICOM-SEG")
+    report.labels = dict(sorted(report.labels.items()))
+
+
 def _case_name(path: Path) -> str:
     for ending in (*NIFTI_ENDINGS, *_itk_endings()):
         if path.name.endswith(ending):
@@ -290,18 +354,19 @@ def _itk_endings() -> tuple[str, ...]:
     return ITK_VOLUME_ENDINGS
 
 
-def read_volume(path: Path) -> Any:
-    """A volume file as `medpipe.io.dicom.Volume` (array indexed i, j, k and a RAS affine) whatever its format."""
+def read_volume(path: Path, folder: bool = False) -> Any:
+    """A volume file (or, `folder`, a DICOM series folder) as `medpipe.io.dicom.Volume` (array indexed i, j, k and a
+    RAS affine) whatever its format."""
     from medpipe.io.ct import load_volume
 
-    if path.is_dir():
+    if path.is_dir() and not folder:
         raise MedpipeError(f"{path}: a folder, not a volume file")
     return load_volume(path)
 
 
 def _read(path: Path, case: Case, report: Report) -> Any:
     try:
-        return read_volume(path)
+        return read_volume(path, folder=report.layout == DICOM_SEG)
     except MedpipeError as exc:
         report.problems.append(f"case {case.name}: {_rel(report, path)}: unreadable ({str(exc).split(': ', 1)[-1]})")
         return None
@@ -327,10 +392,18 @@ def _geometry_problems(reference: Any, other: Any, what: str) -> list[str]:
 
 def _check_case(case: Case, report: Report) -> None:
     images = [_read(p, case, report) for p in case.images]
-    label = _read(case.label, case, report) if case.label is not None else None
+    seg = report.layout == DICOM_SEG  # its label is placed on the image's series grid, so read once the image is
+    label = _read(case.label, case, report) if case.label is not None and not seg else None
     if any(v is None for v in images):
         return
     first = images[0]
+    if seg and case.label is not None:
+        from medpipe.io.ct import load_label
+
+        try:
+            label = load_label(case.label, first)
+        except MedpipeError as exc:
+            report.problems.append(f"case {case.name}: {_rel(report, case.label)}: {str(exc).split(': ', 1)[-1]}")
     for path, volume in zip(case.images, images, strict=True):
         finite = np.isfinite(volume.array)
         if not finite.all():
@@ -505,7 +578,8 @@ def map_labels(
 def format_report(report: Report) -> str:
     """The problems (one line each) and the summary table."""
     lines = [f"error: {p}" for p in report.problems]
-    layout = {"nnunet": "nnU-Net v2 raw", "msd": "MSD / MONAI datalist"}[report.layout]
+    layout = {"nnunet": "nnU-Net v2 raw", "msd": "MSD / MONAI datalist",
+              DICOM_SEG: "DICOM series + DICOM-SEG"}[report.layout]  # fmt: skip
     lines += [
         f"data set      {report.root} ({layout})",
         f"cases         {len(report.cases)} training (read), {report.test_images} test image(s)",

@@ -1,5 +1,6 @@
 """Segmentation training data from the layouts the field uses: the shipped PNG slices (`datalist.json`) or 3-D
-volumes in an nnU-Net v2 raw folder or an MSD / MONAI `dataset.json` folder, as one kind of datalist.
+volumes in an nnU-Net v2 raw folder, an MSD / MONAI `dataset.json` folder or DICOM series with DICOM-SEG labels (one
+folder per case), as one kind of datalist.
 
 A volume layout is checked whole first (medpipe.data.integrity, what `medpipe dataset check` runs) and refused in
 one line when the check finds a problem, before anything trains. Its labels are mapped onto the bundle's classes by
@@ -19,7 +20,16 @@ from typing import Any
 import numpy as np
 
 from medpipe.data.datalists import seg_datalists, split_seg_items
-from medpipe.data.integrity import LAYOUTS, check_dataset, classes_of, detect_layout, parse_label_map, parse_names
+from medpipe.data.integrity import (
+    DICOM_SEG,
+    LAYOUTS,
+    check_dataset,
+    classes_of,
+    detect_layout,
+    has_dicom_seg_cases,
+    parse_label_map,
+    parse_names,
+)
 from medpipe.errors import MedpipeError
 from medpipe.io import ct
 
@@ -32,15 +42,19 @@ CLASSES_KEY = "label_classes"
 
 
 def resolve_layout(dataset_dir: str | Path, dataset_layout: str = "auto") -> str:
-    """`png`, `nnunet` or `msd`: `auto` reads the folder (datalist.json: png; dataset.json: nnU-Net or MSD by its
-    keys, as `medpipe dataset check` detects them)."""
+    """`png`, `nnunet`, `msd` or `dicom_seg`: `auto` reads the folder (datalist.json: png; dataset.json: nnU-Net or
+    MSD by its keys; neither, but case folders holding a DICOM-SEG: dicom_seg; as `medpipe dataset check` detects
+    them)."""
     if dataset_layout not in DATASET_LAYOUTS:
         raise MedpipeError(f"--dataset_layout {dataset_layout}: use one of {', '.join(DATASET_LAYOUTS)}")
     if dataset_layout != "auto":
         return dataset_layout
     root = Path(dataset_dir)
-    if (root / "datalist.json").is_file() or not (root / "dataset.json").is_file():
-        return PNG  # a folder with neither is refused by the PNG reader, in its own words
+    if (root / "datalist.json").is_file():
+        return PNG
+    if not (root / "dataset.json").is_file():
+        # a folder with neither is refused by the PNG reader, in its own words
+        return DICOM_SEG if root.is_dir() and has_dicom_seg_cases(root) else PNG
     try:
         description = json.loads((root / "dataset.json").read_text())
     except (OSError, ValueError) as exc:

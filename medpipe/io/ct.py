@@ -53,6 +53,17 @@ def load_volume(path: str | Path, on_gap: str = "error") -> Volume:
                        "file")  # fmt: skip
 
 
+def load_label(path: str | Path, image: Volume) -> Volume:
+    """The label volume of `image`: a NIfTI / NRRD / MetaImage file as it lies (its geometry is the caller's to
+    check), or a DICOM-SEG file placed on the grid of `image`'s DICOM series (medpipe.io.dicom_seg_read)."""
+    path = Path(path)
+    if path.is_file() and not path.name.endswith((".nii", ".nii.gz", *ITK_VOLUME_ENDINGS)):
+        from medpipe.io.dicom_seg_read import read_seg_labels  # imported here: highdicom is for the SEG layout only
+
+        return read_seg_labels(path, image)
+    return load_volume(path)
+
+
 def load_nifti(path: str | Path) -> Volume:
     """A 3-D NIfTI as a Volume; `meta` holds the JSON sidecar written by `medpipe ingest` when one sits beside it."""
     path = Path(path)

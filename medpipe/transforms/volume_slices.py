@@ -53,7 +53,7 @@ def read_case(image: str, label: str, table: Mapping[str, int]) -> tuple[Volume,
     """(the CT volume, checked axial and in HU; its label as class indexes on the same grid)."""
     volume = ct.load_volume(image)
     check_axial_ct(volume, image)
-    return volume, _class_map(ct.load_volume(label), table, label)
+    return volume, _class_map(ct.load_label(label, volume), table, label)
 
 
 def _cases(items: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, tuple[tuple[str, int], ...]]]:
