@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +29,9 @@ pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[r
 
 RAY = Path(sys.executable).with_name("ray")
 MARKER = "MEDPIPE_TEST_RAY_CLUSTER"  # inherited by every process the two `ray start` commands spawn
+# Every Ray process of these tests (both nodes, the drivers) uses one token of its own: a token file that an earlier
+# local `ray.init()` left in ~/.ray would otherwise turn authentication on for the head and not for the others
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 RUN_TIMEOUT_S = 300
 MANIFEST = "inference_manifest.jsonl"
 # 3 epochs: a fold trains long enough (its training.lock stands) for the test to kill its node while it does
@@ -70,7 +74,7 @@ class Cluster:
         self.root, self.tag = root, uuid.uuid4().hex
         self.address = f"127.0.0.1:{_free_port()}"
         self._started: concurrent.futures.Future | None = None
-        self.env = {**os.environ, MARKER: self.tag, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+        self.env = {**os.environ, **RAY_ENV, MARKER: self.tag, "OMP_NUM_THREADS": "1",
                     # a dead node is noticed in ~2 s instead of ~30 s
                     "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4"}  # fmt: skip
 
@@ -150,7 +154,7 @@ def _sigint_as_in_a_terminal() -> None:
 def _cv_on(cluster: Cluster, data: Path, out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "medpipe", "cv", "brain_tumor_cls", *FOLD_ARGS, "--out", str(out), "--dataset_dir",
            str(data), "--cluster", cluster.ready(), "--cpus_per_fold", "1"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **RAY_ENV, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)  # fmt: skip
 
@@ -275,7 +279,7 @@ def _random_checkpoint(bundle: str, path: Path, **overrides: object) -> Path:
 
 def _medpipe(*args: str) -> subprocess.CompletedProcess:
     """`medpipe …` in a process of its own, as a user types it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **RAY_ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "medpipe", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     code, out, err = _finish(proc)
