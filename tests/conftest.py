@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -28,6 +30,18 @@ def real_dataset(name: str) -> Path:
     if not root or not (Path(root) / name).is_dir():
         pytest.skip(f"real data set '{name}' not found: set MEDPIPE_DATA to the folder holding {name}/")
     return Path(root) / name
+
+
+def finish_or_kill(proc: subprocess.Popen, timeout_s: float, what: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a process started with `start_new_session=True`; past `timeout_s`, kill its
+    whole process group (launchers' workers, Ray drivers' children too) and fail the test naming `what`."""
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{what} did not finish in {timeout_s:.0f}s (a hang?): {(out + err)[-3000:]}")
+    return proc.returncode, out, err
 
 
 @pytest.fixture

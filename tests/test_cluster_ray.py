@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, finish_or_kill
 from medpipe.data.synthetic import make_synthetic_set
 
 pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
@@ -160,13 +160,7 @@ def _cv_on(cluster: Cluster, data: Path, out: Path) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the cluster CV did not end in {RUN_TIMEOUT_S}s: {err[-3000:]}")
-    return proc.returncode, out, err
+    return finish_or_kill(proc, RUN_TIMEOUT_S, "the cluster run")
 
 
 def _assert_same_run(run: Path, local: Path) -> None:

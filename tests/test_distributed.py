@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BUNDLES, REPO, real_dataset
+from conftest import BUNDLES, REPO, finish_or_kill, real_dataset
 from medpipe.bundle.config import run_bundle
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -38,13 +38,8 @@ def run_job(cmd: list[str], timeout_s: float = JOB_TIMEOUT_S) -> subprocess.Comp
     """Run a job in its own process group; past `timeout_s`, kill the whole group (torchrun's workers too) and fail."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=_env(),
                             start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"job did not finish in {timeout_s:.0f}s (a hang?): {(out + err)[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    code, out, err = finish_or_kill(proc, timeout_s, "job")
+    return subprocess.CompletedProcess(cmd, code, out, err)
 
 
 def _ddp_cmd(bundle: Path, extra_configs: list[Path], overrides: dict) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from medpipe.bundle.config import config_files, find_bundle, run_bundle
+from medpipe.cluster import sigterm_as_interrupt
 from medpipe.data.splits import read_splits, write_splits
 from medpipe.errors import MedpipeError, find_medpipe_error
 from medpipe.evaluation.metrics import classification_report
@@ -277,21 +278,6 @@ def _drop_partial_folds(out_dir: Path, folds: int) -> None:
             shutil.rmtree(fold_dir, ignore_errors=True)
 
 
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _restore_sigterm(previous: Any) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _wait_interruptibly(jobs: set[Future], return_when: str) -> tuple[set[Future], set[Future]]:
     """`concurrent.futures.wait` that lets Ctrl-C and SIGTERM in at once: the kernel may hand the signal to one of the
     pool's helper threads, and a main thread blocked on a lock would only run the handler when a fold ends."""
@@ -344,34 +330,32 @@ def _run_folds(
     pool = ProcessPoolExecutor(parallel, mp_context=context, initializer=_ignore_sigint)
     running: set[Future] = set()
     # `kill PID` (SIGTERM) must stop the fold workers too, as Ctrl-C does, not leave them training as orphans
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
-    try:
-        for fold in range(folds):
-            if len(running) >= parallel:
-                finished, running = _wait_interruptibly(running, FIRST_COMPLETED)
+    with sigterm_as_interrupt():
+        try:
+            for fold in range(folds):
+                if len(running) >= parallel:
+                    finished, running = _wait_interruptibly(running, FIRST_COMPLETED)
+                    for job in finished:
+                        job.result()  # re-raises a fold's error here, before another fold starts
+                # share the cores among the folds that will run alongside this one (those still running count)
+                threads = max(1, cores // min(parallel, folds - fold + len(running)))
+                running.add(pool.submit(_fold_on_threads, threads, bundle_dir, network, fold, folds, split_mode,
+                                        out_dir, **overrides))  # fmt: skip
+            while running:
+                finished, running = _wait_interruptibly(running, FIRST_EXCEPTION)
                 for job in finished:
-                    job.result()  # re-raises a fold's error here, before another fold starts
-            # share the cores among the folds that will run alongside this one (those still running count)
-            threads = max(1, cores // min(parallel, folds - fold + len(running)))
-            running.add(pool.submit(_fold_on_threads, threads, bundle_dir, network, fold, folds, split_mode,
-                                    out_dir, **overrides))  # fmt: skip
-        while running:
-            finished, running = _wait_interruptibly(running, FIRST_EXCEPTION)
-            for job in finished:
-                job.result()
-    except KeyboardInterrupt:
-        _stop_workers(pool)
-        raise _interrupted(out_dir, folds) from None
-    except BrokenProcessPool as exc:
-        _stop_workers(pool)
-        raise MedpipeError(
-            "a fold's worker process died (killed, or out of memory?); rerun with --parallel 1 to see why"
-        ) from exc
-    except BaseException:
-        _stop_workers(pool)  # when one fold fails, folds not yet started are dropped
-        raise
-    finally:
-        _restore_sigterm(previous)
+                    job.result()
+        except KeyboardInterrupt:
+            _stop_workers(pool)
+            raise _interrupted(out_dir, folds) from None
+        except BrokenProcessPool as exc:
+            _stop_workers(pool)
+            raise MedpipeError(
+                "a fold's worker process died (killed, or out of memory?); rerun with --parallel 1 to see why"
+            ) from exc
+        except BaseException:
+            _stop_workers(pool)  # when one fold fails, folds not yet started are dropped
+            raise
     pool.shutdown(wait=True)
 
 
@@ -421,19 +405,17 @@ def _run_folds_on_cluster(
         finished.append(task.name)
         print(f"{task.name} finished ({len(finished)} of {folds}): {fold_dir}", flush=True)
 
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
-    try:
-        run_tasks(_fold_attempt, tasks, num_cpus=plan.cpus_per_fold, num_gpus=plan.gpus_per_fold,
-                  max_retries=plan.fold_retries, on_done=report)  # fmt: skip
-    except KeyboardInterrupt:
-        _drop_partial_folds(out_dir, folds)
-        raise _interrupted(out_dir, folds) from None
-    except MedpipeError as exc:
-        _drop_partial_folds(out_dir, folds)
-        raise MedpipeError(f"{exc}; the other folds were stopped, no summary written (cv_report on '{out_dir}' "
-                           "summarises the finished ones as incomplete)") from None  # fmt: skip
-    finally:
-        _restore_sigterm(previous)
+    with sigterm_as_interrupt():
+        try:
+            run_tasks(_fold_attempt, tasks, num_cpus=plan.cpus_per_fold, num_gpus=plan.gpus_per_fold,
+                      max_retries=plan.fold_retries, on_done=report)  # fmt: skip
+        except KeyboardInterrupt:
+            _drop_partial_folds(out_dir, folds)
+            raise _interrupted(out_dir, folds) from None
+        except MedpipeError as exc:
+            _drop_partial_folds(out_dir, folds)
+            raise MedpipeError(f"{exc}; the other folds were stopped, no summary written (cv_report on '{out_dir}' "
+                               "summarises the finished ones as incomplete)") from None  # fmt: skip
 
 
 def run_cv(
