@@ -3,9 +3,10 @@ infection-free slices and scans, and the wall time of the whole volumetric infer
 
 Series (under MEDPIPE_DATA): `covid_ct_md/P002` (a COVID-19 patient, 133 JPEG-Lossless slices, per-slice infection
 labels: slice ROC-AUC of predicted infection mL, mL on the label-negative slices) and `dicom/rider_pilot_chest_ct_0117`
-(a pre-COVID scan, 95 slices: every mL of infection there is false). Neither is in covid_ct_seg's data set; a model
-trained with `infection_free` slices of one of them is not held out on it: the line and the JSON say so (`held_out`,
-from the checkpoints' trained_on.json), and only the other series measures that model.
+(a pre-COVID scan, 95 slices: every mL of infection there is false); `dicom/lung_pet_ct_dx_a0002_b40f` (infection-free,
+a lung tumour, 30 slices of 8 mm: infection mL and the share of slices with any). None is in covid_ct_seg's data
+set; a model trained with `infection_free` slices of one of them is not held out on it: the line and the JSON say so
+(`held_out`, from the checkpoints' trained_on.json), and only the other series measures that model.
 
 Each `--model NAME=NETWORK:CKPT[,CKPT…]` is built from the bundle's own configs (train.json, net_NETWORK.json,
 inference.json), so it runs exactly as `medpipe run covid_ct_seg inference` does; several checkpoints are averaged
@@ -50,6 +51,10 @@ def build_segmenter(network: str, ckpts: list[str], options: dict[str, Any], scr
     return CTSegmentationModel(route).segmenter
 
 
+def scratch_dir() -> str:
+    return tempfile.mkdtemp(prefix="ct-real-dicom-")
+
+
 def trained_files(ckpts: list[str]) -> set[str]:
     """The images any of the checkpoints was trained on (their trained_on.json), resolved."""
     from medpipe.training.checkpoints import read_trained_on
@@ -69,7 +74,8 @@ def measure(name: str, segmenter: Any, data: Path, repeat: int, seen: set[str]) 
     row["covid_ct_md_P002"] = slice_label_figures(mask, volume.affine, volume.source_files, labels)
     row["held_out"] = {  # by folder: no need to load a series again to list its files
         key: all(Path(f).parent != folder.resolve() for f in seen)
-        for key, folder in (("P002", ctmd / "P002"), ("rider", data / "dicom" / "rider_pilot_chest_ct_0117"))
+        for key, folder in (("P002", ctmd / "P002"), ("rider", data / "dicom" / "rider_pilot_chest_ct_0117"),
+                            ("b40f", data / "dicom" / "lung_pet_ct_dx_a0002_b40f"))
     }
     times = {}
     for key, series in (("rider", data / "dicom" / "rider_pilot_chest_ct_0117"), ("P002", ctmd / "P002")):
@@ -83,8 +89,14 @@ def measure(name: str, segmenter: Any, data: Path, repeat: int, seen: set[str]) 
         entry = report["volumes"][0]
         times[key] = {"seconds_median": round(statistics.median(seconds), 2), "files": written,
                       "lung_ml": entry["lung_volume_ml"], "infection_ml": entry["infection_volume_ml"],
-                      "warnings": entry.get("warnings", [])}  # fmt: skip
+                      "warnings": entry.get("warnings", []), "finding": entry["finding"],
+                      "infection_slices": entry["infection_slices"]}  # fmt: skip
     row["rider_infection_ml"] = times["rider"]["infection_ml"]
+    b40f = segmenter(data / "dicom" / "lung_pet_ct_dx_a0002_b40f", Path(scratch_dir()) / "b40f")["volumes"][0]
+    row["b40f"] = {"infection_ml": b40f["infection_volume_ml"], "finding": b40f["finding"],
+                   "infection_slices": b40f["infection_slices"], "slices": b40f["shape"][2]}  # fmt: skip
+    for key in ("rider", "P002"):
+        row[f"{key.lower()}_finding"] = times[key]["finding"]
     row["volumetric_inference"] = times
     return row
 
@@ -111,7 +123,9 @@ def main() -> None:
         seen = {k: "" if v else " (SEEN IN TRAINING, not held out)" for k, v in row["held_out"].items()}
         print(f"{name:>14}: P002 slice AUC {p002['slice_auc']:.3f}, infection on label-negative slices "
               f"{p002['infection_ml_label_negative']:.1f} mL (positive {p002['infection_ml_label_positive']:.1f} mL)"
-              f"{seen['P002']}; RIDER infection {row['rider_infection_ml']:.1f} mL{seen['rider']}; "
+              f"{seen['P002']}; RIDER infection {row['rider_infection_ml']:.1f} mL{seen['rider']} "
+              f"({vol['rider']['infection_slices']} of 95 slices); B40f {row['b40f']['infection_ml']:.1f} mL "
+              f"({row['b40f']['infection_slices']} of {row['b40f']['slices']} slices); "
               f"whole inference RIDER "
               f"{vol['rider']['seconds_median']:.2f} s, P002 {vol['P002']['seconds_median']:.2f} s "
               f"({threads} threads)", flush=True)  # fmt: skip

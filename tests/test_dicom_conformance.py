@@ -232,6 +232,30 @@ def test_ct_measurement_sr_conforms_references_images_and_seg(
     assert "check it" in text  # node-routing's warnings still reach the SR
 
 
+@pytest.mark.parametrize("detected", [False, True])
+def test_ct_measurement_sr_states_whether_infection_was_detected(
+    series: dict[str, Path], tmp_path: Path, detected: bool
+) -> None:
+    """Issue #31: the SR a radiologist opens says "no infection detected" in words and as SCT Absent, and carries
+    the highest slice probability of infection; the object still validates."""
+    from medpipe.serve.results import read_findings, read_measurements, write_ct_measurement_sr
+
+    seg_path, _, volume = _write_seg(series["rider"], tmp_path / "vol_seg.dcm")
+    finding = "infection on 3 of 95 slices" if detected else "no infection detected"
+    entry = {"lung_volume_ml": 4100.0, "infection_volume_ml": 12.5 if detected else 0.0,
+             "infection_percent_of_lung": 0.3 if detected else 0.0, "infection_detected": detected,
+             "finding": finding, "infection_probability_max": 0.81 if detected else 0.07,
+             "files": {"dicom_seg": seg_path.name}}  # fmt: skip
+    sources = [f for f in volume.source_files if f is not None]
+    path = write_ct_measurement_sr(entry, sources, _info(), tmp_path / "sr.dcm", warnings=["check it"])
+    dciodvfy(path)
+    found = read_findings(path)
+    assert found == {"findings": [finding], "warnings": ["check it"], "presence": "Present" if detected else "Absent"}
+    measured = read_measurements(path)["infection"]
+    assert measured["Highest slice probability of infection"] == pytest.approx(0.81 if detected else 0.07)
+    assert measured["Volume"] == entry["infection_volume_ml"]
+
+
 def test_result_series_are_distinct_per_kind_and_grouped_per_source(
     series: dict[str, Path], cxr_sources: dict[str, Path], tmp_path: Path
 ) -> None:

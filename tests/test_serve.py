@@ -196,7 +196,7 @@ def node_factory(tmp_path: Path, pacs: Orthanc, ckpts: dict[str, Path]) -> Itera
 def test_ct_series_from_orthanc_comes_back_as_seg_and_sr(pacs: Orthanc, node_factory: Any) -> None:
     import highdicom as hd
 
-    from medpipe.serve.results import read_measurements
+    from medpipe.serve.results import read_findings, read_measurements
 
     source = rider_datasets()
     series_id = pacs.upload(source)
@@ -238,6 +238,10 @@ def test_ct_series_from_orthanc_comes_back_as_seg_and_sr(pacs: Orthanc, node_fac
     if entry["infection_percent_of_lung"] is not None:
         percent = values["infection"]["Infection volume as percent of lung volume"]
         assert percent == pytest.approx(entry["infection_percent_of_lung"])
+    # the finding in words and as Present / Absent, as report.json states it (issue #31)
+    findings = read_findings(path)
+    assert findings["findings"] == [entry["finding"]]
+    assert findings["presence"] == ("Present" if entry["infection_detected"] else "Absent")
     assert set(job.timings) >= {"transfer_s", "queue_s", "model_s", "writing_s", "send_s"}
 
 

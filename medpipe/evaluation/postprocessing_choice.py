@@ -38,6 +38,9 @@ def _fold_slices(fold_dir: Path) -> tuple[dict[str, Any], list[tuple[str, str, n
     if applied != 0.0:  # masks already post-processed: a smaller candidate could not be told from a larger one
         raise MedpipeError(f"{fold_dir} was scored with min_infection_fraction {applied:g}: choose on raw masks "
                            "(cv_rescore … --save_predictions true --min_infection_fraction 0)")  # fmt: skip
+    if float(metrics.get("min_infection_lung_fraction") or 0.0) != 0.0:  # the slice gate also removed infection
+        raise MedpipeError(f"{fold_dir} was scored with the slice gate on: choose on raw masks (cv_rescore … "
+                           "--save_predictions true --min_infection_fraction 0 --min_infection_lung_fraction 0)")
     predictions = read_predictions(fold_dir)
     if PREDICTIONS not in (metrics.get(FILES_SHA256) or {}):  # left by an earlier scoring of this folder
         raise MedpipeError(f"'{fold_dir / PREDICTIONS}' is not from the scoring that wrote its metrics.json: rescore "

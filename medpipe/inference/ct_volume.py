@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from medpipe.errors import MedpipeError
+from medpipe.evaluation.infection_presence import check_coefficients, slice_probabilities
 from medpipe.files import atomic_write_text, distinct_names, staged_outputs
 from medpipe.inference.input_guard import OK, ct_route_planes
 from medpipe.io import ct, dicom_seg
@@ -44,8 +45,11 @@ from medpipe.transforms.ct_intensity import (
 from medpipe.transforms.seg_postprocessing import (
     PADDING_HU,
     check_fraction,
+    check_lung_fraction,
+    gate_infection_slices,
     patient_region,
     relabel_small_components,
+    slice_infection_fractions,
 )
 from medpipe.transforms.slice_context import check_context_slices, stack_context
 from medpipe.values import path_list
@@ -177,7 +181,10 @@ class VolumeSegmenter:
     Labels: 0 background, 1 lung without infection, 2 infection; the lung mask is label >= 1. With
     `keep_components` > 0, lung labels outside the largest chest components are dropped (keep_lung_components);
     with `min_infection_fraction` > 0, smaller infection components of each axial slice become lung (the CV-chosen
-    post-processing, medpipe.transforms.seg_postprocessing).
+    post-processing, medpipe.transforms.seg_postprocessing); with `min_infection_lung_fraction` > 0, a slice whose
+    infection is under that fraction of its lung loses it (the slice gate, results log §10), and a volume with no
+    slice left says "no infection detected". `infection_probability` ([intercept, slope]) adds each slice's
+    calibrated probability of infection (medpipe.evaluation.infection_presence) and the highest one to the report.
 
     A model trained on HU volumes reads `window` "hu_ct": nnU-Net's CT normalisation with the `normalisation` figures
     stored beside its checkpoint (medpipe.transforms.ct_intensity.hu_model_slices, as in its training), no CLAHE. The
@@ -202,6 +209,8 @@ class VolumeSegmenter:
         context_slices: int = 1,
         min_infection_fraction: float = 0.0,
         normalisation: Mapping[str, Any] | None = None,
+        min_infection_lung_fraction: float = 0.0,
+        infection_probability: Sequence[float] | str | None = None,
     ) -> None:
         self.network, self.image_size, self.inferer = network, image_size, inferer
         self.window = window if isinstance(window, str) else (float(window[0]), float(window[1]))
@@ -224,9 +233,16 @@ class VolumeSegmenter:
         self.input_guard = input_guard  # an InputGuard('ct'): flags volumes that do not look like chest CT
         self.context_slices = check_context_slices(context_slices)  # 2.5-D: neighbours as channels
         self.min_infection_fraction = check_fraction(min_infection_fraction)
+        self.min_infection_lung_fraction = check_lung_fraction(min_infection_lung_fraction)
+        self.infection_probability = check_coefficients(infection_probability)
 
     def segment(self, volume: Volume, name: str = "volume") -> np.ndarray:
         """uint8 label mask on the volume's own grid."""
+        return self.segment_slices(volume, name)[0]
+
+    def segment_slices(self, volume: Volume, name: str = "volume") -> tuple[np.ndarray, np.ndarray]:
+        """The label mask and, per axial slice, its infection / lung fraction before the slice gate (what the
+        gate and the infection probability read)."""
         check_axial_ct(volume, name)
         if self.normalisation is not None:  # a model trained on HU volumes: their input, at the model's size
             slices = hu_model_slices(volume, self.normalisation, self.image_size)
@@ -238,20 +254,37 @@ class VolumeSegmenter:
         mask = ct.reassemble(list(probs), volume.array.shape, volume.affine)
         axis = ct.axial_axis(volume.affine)
         mask = keep_lung_components(mask, self.keep_components, volume.array, axis) if self.keep_components else mask
-        return relabel_small_components(mask, self.min_infection_fraction, axis=axis)
+        mask = relabel_small_components(mask, self.min_infection_fraction, axis=axis)
+        fractions = slice_infection_fractions(mask, axis)
+        return gate_infection_slices(mask, self.min_infection_lung_fraction, axis), fractions
 
-    def volume_report(self, mask: np.ndarray, volume: Volume) -> dict[str, Any]:
-        """Lung (label >= 1) and infection (label 2) volumes in mL and the percent of lung involved."""
+    def volume_report(
+        self, mask: np.ndarray, volume: Volume, fractions: np.ndarray | None = None
+    ) -> dict[str, Any]:
+        """Lung (label >= 1) and infection (label 2) volumes in mL, the percent of lung involved, the slices with
+        infection and the finding in words; with `infection_probability`, the calibrated probability of infection
+        per slice (from `fractions`, segment_slices' second value) and the highest one."""
         ml = ct.label_volumes_ml(mask, volume.affine, labels=[1, 2])
         lung, infection = ml[1] + ml[2], ml[2]
         right, left = lung_sides_ml(mask, volume)
-        return {
+        with_infection = int((slice_infection_fractions(mask, ct.axial_axis(volume.affine)) > 0).sum())
+        slices = int(mask.shape[ct.axial_axis(volume.affine)])
+        entry: dict[str, Any] = {
             "lung_volume_ml": round(lung, 2),
             "lung_right_ml": round(right, 2),
             "lung_left_ml": round(left, 2),
             "infection_volume_ml": round(infection, 2),
             "infection_percent_of_lung": round(100.0 * infection / lung, 3) if lung > 0 else None,
-        }
+            "infection_detected": with_infection > 0,
+            "infection_slices": with_infection,
+            "finding": (f"infection on {with_infection} of {slices} slices" if with_infection
+                        else "no infection detected"),
+        }  # fmt: skip
+        if self.infection_probability is not None and fractions is not None:
+            probabilities = slice_probabilities(fractions, self.infection_probability)
+            entry["infection_probability_max"] = round(float(probabilities.max(initial=0.0)), 4)
+            entry["slice_infection_probability"] = [round(float(p), 4) for p in probabilities]
+        return entry
 
     def __call__(
         self, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
@@ -289,7 +322,7 @@ class VolumeSegmenter:
         """Segment one volume, write its masks (and DICOM-SEG) into `out_dir` named `<stem>_…`; return its report
         entry."""
         started, stem = time.perf_counter(), stem or _stem(path)
-        mask = self.segment(volume, str(path))
+        mask, fractions = self.segment_slices(volume, str(path))
         files: dict[str, Path] = {}
         for key, values in (("seg", mask), ("lung", mask >= 1), ("infection", mask == 2)):
             target = out_dir / f"{stem}_{key}.nii.gz"
@@ -315,13 +348,14 @@ class VolumeSegmenter:
             "input": str(path),
             "shape": list(volume.array.shape),
             "spacing_mm": [round(s, 4) for s in volume.spacing],
-            **self.volume_report(mask, volume),
+            **self.volume_report(mask, volume, fractions),
             "files": {k: Path(v).name for k, v in files.items()},
             "seconds": round(time.perf_counter() - started, 2),
         }
         if warnings:
             entry["warnings"] = warnings
-        logger.info(f"{path}: lung {entry['lung_volume_ml']} mL, infection {entry['infection_volume_ml']} mL")
+        logger.info(f"{path}: lung {entry['lung_volume_ml']} mL, infection {entry['infection_volume_ml']} mL "
+                    f"({entry['finding']})")
         return entry
 
     def _postprocessing_steps(self) -> list[str]:
@@ -331,6 +365,13 @@ class VolumeSegmenter:
         if self.min_infection_fraction:
             fraction = self.min_infection_fraction
             steps.append(f"infection components under {fraction:g} of an axial slice's area relabelled lung")
+        if self.min_infection_lung_fraction:
+            steps.append(f"infection of a slice where it covers under {self.min_infection_lung_fraction:g} of the "
+                         "slice's lung relabelled lung")  # fmt: skip
+        if self.infection_probability is not None:
+            intercept, slope = self.infection_probability
+            steps.append(f"probability of infection per slice 1 / (1 + exp(-({intercept:.4g} + {slope:.4g} * "
+                         "log10(infection / lung + 1e-4))))")  # fmt: skip
         return steps
 
     def _intensity_steps(self) -> str:

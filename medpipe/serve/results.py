@@ -1,7 +1,9 @@
 """Structured reports for the node's results (highdicom), in the source study and referencing the source images.
 
 CT: a TID 1500 measurement report (Comprehensive 3D SR) with lung and infection volume in mL and the percent of
-lung involved, the values of the run's report.json. CXR / brain MRI: a Comprehensive SR whose measurement group
+lung involved, the values of the run's report.json; where the report has them, the highest slice probability of
+infection, infection Present / Absent (SCT codes) as the infection group's qualitative evaluation, and the finding
+in words ("no infection detected") as a TEXT item. CXR / brain MRI: a Comprehensive SR whose measurement group
 holds one probability per class, with the model's name and version as the algorithm identification, and, when the
 route asks for it, the Grad-CAM overlay as a secondary-capture image.
 (The CT DICOM-SEG itself is written by covid_ct_seg's VolumeSegmenter via medpipe.io.dicom_seg.)
@@ -47,6 +49,10 @@ SOURCE = Code("260753009", "SCT", "Source")  # the concept of an image library e
 SEGMENT_LESION_CATEGORY = "49755003"  # SCT Morphologically Abnormal Structure: the SEG's infection segment
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500's container for them
 WARNING = Code("warning", SCHEME, "Warning")  # a doubt the node sends with the result (docs/serve.md)
+FINDING = Code("finding", SCHEME, "Finding")  # the result in words ("no infection detected"), beside the codes
+INFECTION_PROBABILITY = Code("p_infection_max", SCHEME, "Highest slice probability of infection")
+PRESENCE = Code("inf_presence", SCHEME, "COVID-19 infection presence")
+PRESENT, ABSENT = Code("52101004", "SCT", "Present"), Code("2667000", "SCT", "Absent")
 
 
 def probability_code(class_name: str) -> Code:
@@ -84,10 +90,11 @@ def _coordinates(source: pydicom.Dataset, points: np.ndarray, graphic_type: str)
 
 
 def _report(
-    groups: Sequence[Any], evidence: Sequence[pydicom.Dataset], info: ModelInfo, warnings: Sequence[str] = ()
-) -> Any:
-    """The TID 1500 content: device observer, procedure and measurement groups; `warnings` (the node's doubts about
-    the result) as TEXT items of a "Qualitative Evaluations" container."""
+    groups: Sequence[Any], evidence: Sequence[pydicom.Dataset], info: ModelInfo, warnings: Sequence[str] = (),
+    findings: Sequence[str] = (),
+) -> Any:  # fmt: skip
+    """The TID 1500 content: device observer, procedure and measurement groups; `findings` (the result in words) and
+    `warnings` (the node's doubts about the result) as TEXT items of a "Qualitative Evaluations" container."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -105,11 +112,12 @@ def _report(
         imaging_measurements=list(groups),
     )
     report[0].ContentSequence.insert(_index_of(report[0], codes.DCM.ImagingMeasurements), _image_library(evidence))
-    if warnings:
+    if warnings or findings:
         contains = hd.sr.RelationshipTypeValues.CONTAINS
         evaluations = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=contains)
         evaluations.ContentSequence = hd.sr.ContentSequence(
-            [hd.sr.TextContentItem(name=WARNING, value=w[:1024], relationship_type=contains) for w in warnings]
+            [hd.sr.TextContentItem(name=name, value=text[:1024], relationship_type=contains)
+             for name, texts in ((FINDING, findings), (WARNING, warnings)) for text in texts]
         )  # TEXT values hold up to 1024 characters (UT would allow more; 1024 is plenty for one line)
         report[0].ContentSequence.append(evaluations)
     return report
@@ -147,7 +155,11 @@ def _algorithm(info: ModelInfo) -> Any:
     return hd.sr.AlgorithmIdentification(name=f"{info.name}/{info.network}", version=info.version)
 
 
-def _group(label: str, info: ModelInfo, measurements: Sequence[Any], finding: Code | None = None) -> Any:
+def _group(
+    label: str, info: ModelInfo, measurements: Sequence[Any], finding: Code | None = None,
+    presence: Code | None = None,
+) -> Any:  # fmt: skip
+    """A TID 1501 group; `presence` (SCT Present / Absent) as its qualitative evaluation of the finding."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -157,6 +169,7 @@ def _group(label: str, info: ModelInfo, measurements: Sequence[Any], finding: Co
         finding_type=finding,
         finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)] if finding is not None else None,
         measurements=list(measurements),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(PRESENCE, presence)] if presence is not None else None,
     )
 
 
@@ -252,10 +265,18 @@ def write_ct_measurement_sr(
     if volume_entry.get("infection_percent_of_lung") is not None:
         percent = float(volume_entry["infection_percent_of_lung"])
         infection.append(measurement(INFECTION_PERCENT, percent, PERCENT, infection_at))
+    if volume_entry.get("infection_probability_max") is not None:
+        p = float(volume_entry["infection_probability_max"])
+        infection.append(measurement(INFECTION_PROBABILITY, p, NO_UNITS, infection_at))
+    presence = None
+    if volume_entry.get("infection_detected") is not None:
+        presence = PRESENT if volume_entry["infection_detected"] else ABSENT
     # TID 1501 groups, not TID 1411 volumetric ROIs naming the SEG segment: TID 1411 allows no SCOORD under its
     # measurements, which OHIF needs; the SEG is named as pertinent other evidence instead
-    groups = [_group("lung", info, [lung], codes.SCT.Lung), _group("infection", info, infection, COVID19_INFECTION)]
-    content = _report(groups, evidence, info, warnings)
+    groups = [_group("lung", info, [lung], codes.SCT.Lung),
+              _group("infection", info, infection, COVID19_INFECTION, presence)]  # fmt: skip
+    findings = [str(volume_entry["finding"])] if volume_entry.get("finding") else []
+    content = _report(groups, evidence, info, warnings, findings)
     series = result_series(evidence[0], "measurements", info)
     return _save_sr(hd.sr.Comprehensive3DSR, evidence, content, Path(path), series, pertinent=[seg])
 
@@ -290,6 +311,26 @@ def read_measurements(sr_path: str | Path) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for group in [*sr.content.get_image_measurement_groups(), *sr.content.get_volumetric_roi_measurement_groups()]:
         out[str(group.tracking_identifier)] = {str(m.name.meaning): float(m.value) for m in group.get_measurements()}
+    return out
+
+
+def read_findings(sr_path: str | Path) -> dict[str, Any]:
+    """{"findings": [the TEXT findings], "warnings": [...], "presence": the infection group's Present / Absent
+    meaning or None} from an SR written here (for tests and status)."""
+    sr = pydicom.dcmread(sr_path)
+    out: dict[str, Any] = {"findings": [], "warnings": [], "presence": None}
+
+    def walk(items: Any) -> None:
+        for item in items:
+            concept = item.get("ConceptNameCodeSequence") or [pydicom.Dataset()]
+            name = concept[0].get("CodeValue") or concept[0].get("LongCodeValue")
+            if item.ValueType == "TEXT" and name in (FINDING.value, WARNING.value):
+                out["findings" if name == FINDING.value else "warnings"].append(str(item.TextValue))
+            elif item.ValueType == "CODE" and name == PRESENCE.value:
+                out["presence"] = str(item.ConceptCodeSequence[0].CodeMeaning)
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
     return out
 
 

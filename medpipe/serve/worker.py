@@ -218,6 +218,8 @@ class Node:
             sr_path = out_dir / "measurements_sr.dcm"
             sr = results.write_ct_measurement_sr(entry, files, model.info, sr_path, warnings=warnings)
             outputs = [seg, sr]
+            if entry.get("finding"):  # "no infection detected" / "infection on N of M slices", as in the SR
+                self.queue.log(job.id, "info", f"{route.name}: {entry['finding']}")
         else:
             doubts = {f: model.wrong_input(f) for f in files}  # checked first: a refused series is not predicted
             warnings = judge(route, [w for found in doubts.values() for w in found], [])

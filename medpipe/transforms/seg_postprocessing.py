@@ -81,6 +81,67 @@ class RelabelSmallComponentsd(MapTransform):
         return out
 
 
+def check_lung_fraction(value: Any) -> float:
+    """The slice gate's threshold as a float in [0, 1]: infection pixels / lung pixels of a slice (0: off)."""
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError) as exc:
+        raise MedpipeError(f"min_infection_lung_fraction {value!r}: give a number in [0, 1], e.g. 0.02") from exc
+    if not 0.0 <= fraction <= 1.0:
+        raise MedpipeError(f"min_infection_lung_fraction {fraction}: must be in [0, 1] (infection / lung per slice)")
+    return fraction
+
+
+def slice_infection_fractions(labels: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Per slice along `axis` of a label stack (or one (H, W) slice): infection pixels / lung pixels (labels >= 1);
+    0 on a slice without lung. Unitless, so the 2-D development slices (no spacing) and DICOM volumes compare."""
+    array = np.asarray(labels)
+    stack = array[None] if array.ndim == 2 else np.moveaxis(array, axis, 0)
+    lung = (stack >= LUNG).sum(axis=(1, 2)).astype(np.float64)
+    infection = (stack == INFECTION).sum(axis=(1, 2)).astype(np.float64)
+    return np.divide(infection, lung, out=np.zeros_like(lung), where=lung > 0)
+
+
+def gate_infection_slices(labels: np.ndarray, min_lung_fraction: float, axis: int = 0) -> np.ndarray:
+    """The slice gate: on every slice whose infection is under `min_lung_fraction` of its lung, infection becomes
+    lung (the lung mask is unchanged). A slice keeps its infection only when there is enough of it to be told from
+    the scattered false positives the model leaves on infection-free scans (results log §10). Returns the input
+    itself when nothing changes."""
+    threshold = check_lung_fraction(min_lung_fraction)
+    array = np.asarray(labels)
+    if threshold == 0.0 or not (array == INFECTION).any():
+        return labels
+    fractions = slice_infection_fractions(array, axis)
+    weak = (fractions > 0) & (fractions < threshold)
+    if not weak.any():
+        return labels
+    stack = (array[None] if array.ndim == 2 else np.moveaxis(array, axis, 0)).copy()
+    planes = stack[weak]
+    planes[planes == INFECTION] = LUNG
+    stack[weak] = planes
+    return stack[0] if array.ndim == 2 else np.moveaxis(stack, 0, axis)
+
+
+class GateInfectionSliced(MapTransform):
+    """Dict transform of `gate_infection_slices` for one (1, H, W) or (H, W) label-map slice (after argmax)."""
+
+    def __init__(self, keys: str | Sequence[str], min_lung_fraction: float) -> None:
+        super().__init__(keys)
+        self.min_lung_fraction = check_lung_fraction(min_lung_fraction)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        if self.min_lung_fraction == 0.0:
+            return out
+        for key in self.key_iterator(out):
+            tensor = torch.as_tensor(out[key])
+            plane = tensor.detach().cpu().numpy().reshape(tensor.shape[-2:])
+            fixed = gate_infection_slices(plane, self.min_lung_fraction)
+            if fixed is not plane:
+                out[key] = torch.as_tensor(fixed.reshape(tensor.shape), dtype=tensor.dtype)
+        return out
+
+
 # soft tissue, fat, skin and bone are above this HU; air and lung below it (as ct_intensity.MAX_MIN_HU)
 BODY_HU = -500.0
 # below any air or tissue: the padding outside a reconstruction's circular field of view (-2048, -3024), no image
