@@ -138,3 +138,15 @@ def test_report_says_no_infection_detected_when_the_gate_leaves_none(
     assert entry["slice_infection_probability"] == pytest.approx(expected, abs=1e-4)
     assert entry["infection_probability_max"] == pytest.approx(expected.max(), abs=1e-4)
     assert entry["slice_infection_probability"][0] < entry["slice_infection_probability"][1]
+
+
+def test_a_volume_without_lung_is_not_called_free_of_infection(monkeypatch: pytest.MonkeyPatch) -> None:
+    volume, probs = _volume_and_probs(0)
+    probs[:, 0], probs[:, 1:] = 1.0, 0.0  # the model finds no lung at all
+    monkeypatch.setattr(ct_volume, "predict_slices", lambda *args, **kwargs: probs)
+    monkeypatch.setattr(ct_volume, "ct_to_model_slices", lambda *args, **kwargs: None)
+    segmenter = VolumeSegmenter(torch.nn.Identity(), 32, window="minmax_slice", keep_components=0,
+                                write_dicom_seg=False)  # fmt: skip
+    mask, fractions = segmenter.segment_slices(volume)
+    entry = segmenter.volume_report(mask, volume, fractions)
+    assert entry["finding"] == "no lung found: infection not assessed" and entry["infection_detected"] is None

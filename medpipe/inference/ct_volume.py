@@ -275,10 +275,11 @@ class VolumeSegmenter:
             "lung_left_ml": round(left, 2),
             "infection_volume_ml": round(infection, 2),
             "infection_percent_of_lung": round(100.0 * infection / lung, 3) if lung > 0 else None,
-            "infection_detected": with_infection > 0,
+            # no lung: nothing was read, so nothing is said about infection (not "no infection detected")
+            "infection_detected": with_infection > 0 if lung > 0 else None,
             "infection_slices": with_infection,
             "finding": (f"infection on {with_infection} of {slices} slices" if with_infection
-                        else "no infection detected"),
+                        else "no infection detected" if lung > 0 else "no lung found: infection not assessed"),
         }  # fmt: skip
         if self.infection_probability is not None and fractions is not None:
             probabilities = slice_probabilities(fractions, self.infection_probability)
