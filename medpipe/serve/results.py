@@ -2,8 +2,8 @@
 
 CT: a TID 1500 measurement report (Comprehensive 3D SR) with lung and infection volume in mL and the percent of
 lung involved, the values of the run's report.json; where the report has them, the highest slice probability of
-infection, infection Present / Absent (SCT codes) as the infection group's qualitative evaluation, and the finding
-in words ("no infection detected") as a TEXT item. CXR / brain MRI: a Comprehensive SR whose measurement group
+infection, and, as qualitative evaluations of the report, COVID-19 infection Present / Absent (SCT codes) and the
+finding in words ("no infection detected") as a TEXT item. CXR / brain MRI: a Comprehensive SR whose measurement group
 holds one probability per class, with the model's name and version as the algorithm identification, and, when the
 route asks for it, the Grad-CAM overlay as a secondary-capture image.
 (The CT DICOM-SEG itself is written by covid_ct_seg's VolumeSegmenter via medpipe.io.dicom_seg.)
@@ -51,7 +51,7 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  #
 WARNING = Code("warning", SCHEME, "Warning")  # a doubt the node sends with the result (docs/serve.md)
 FINDING = Code("finding", SCHEME, "Finding")  # the result in words ("no infection detected"), beside the codes
 INFECTION_PROBABILITY = Code("p_infection_max", SCHEME, "Highest slice probability of infection")
-PRESENCE = Code("inf_presence", SCHEME, "COVID-19 infection presence")
+PRESENCE = Code("inf_presence", SCHEME, "COVID-19 infection presence")  # its value: PRESENT or ABSENT
 PRESENT, ABSENT = Code("52101004", "SCT", "Present"), Code("2667000", "SCT", "Absent")
 
 
@@ -91,10 +91,13 @@ def _coordinates(source: pydicom.Dataset, points: np.ndarray, graphic_type: str)
 
 def _report(
     groups: Sequence[Any], evidence: Sequence[pydicom.Dataset], info: ModelInfo, warnings: Sequence[str] = (),
-    findings: Sequence[str] = (),
+    findings: Sequence[str] = (), coded: Sequence[tuple[Code, Code]] = (),
 ) -> Any:  # fmt: skip
-    """The TID 1500 content: device observer, procedure and measurement groups; `findings` (the result in words) and
-    `warnings` (the node's doubts about the result) as TEXT items of a "Qualitative Evaluations" container."""
+    """The TID 1500 content: device observer, procedure and measurement groups; in a "Qualitative Evaluations"
+    container, `coded` (concept, value) as CODE items, `findings` (the result in words) and `warnings` (the node's
+    doubts about the result) as TEXT items. Coded evaluations sit there, not in a measurement group: OHIF 3.12's SR
+    viewport, given a CODE item inside a group, rebuilt the viewport under load and raised "stack viewport has been
+    destroyed" (tests/test_viewer.py)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -112,12 +115,13 @@ def _report(
         imaging_measurements=list(groups),
     )
     report[0].ContentSequence.insert(_index_of(report[0], codes.DCM.ImagingMeasurements), _image_library(evidence))
-    if warnings or findings:
+    if warnings or findings or coded:
         contains = hd.sr.RelationshipTypeValues.CONTAINS
         evaluations = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=contains)
         evaluations.ContentSequence = hd.sr.ContentSequence(
-            [hd.sr.TextContentItem(name=name, value=text[:1024], relationship_type=contains)
-             for name, texts in ((FINDING, findings), (WARNING, warnings)) for text in texts]
+            [hd.sr.CodeContentItem(name=name, value=value, relationship_type=contains) for name, value in coded]
+            + [hd.sr.TextContentItem(name=name, value=text[:1024], relationship_type=contains)
+               for name, texts in ((FINDING, findings), (WARNING, warnings)) for text in texts]
         )  # TEXT values hold up to 1024 characters (UT would allow more; 1024 is plenty for one line)
         report[0].ContentSequence.append(evaluations)
     return report
@@ -155,11 +159,7 @@ def _algorithm(info: ModelInfo) -> Any:
     return hd.sr.AlgorithmIdentification(name=f"{info.name}/{info.network}", version=info.version)
 
 
-def _group(
-    label: str, info: ModelInfo, measurements: Sequence[Any], finding: Code | None = None,
-    presence: Code | None = None,
-) -> Any:  # fmt: skip
-    """A TID 1501 group; `presence` (SCT Present / Absent) as its qualitative evaluation of the finding."""
+def _group(label: str, info: ModelInfo, measurements: Sequence[Any], finding: Code | None = None) -> Any:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -169,7 +169,6 @@ def _group(
         finding_type=finding,
         finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)] if finding is not None else None,
         measurements=list(measurements),
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(PRESENCE, presence)] if presence is not None else None,
     )
 
 
@@ -273,10 +272,10 @@ def write_ct_measurement_sr(
         presence = PRESENT if volume_entry["infection_detected"] else ABSENT
     # TID 1501 groups, not TID 1411 volumetric ROIs naming the SEG segment: TID 1411 allows no SCOORD under its
     # measurements, which OHIF needs; the SEG is named as pertinent other evidence instead
-    groups = [_group("lung", info, [lung], codes.SCT.Lung),
-              _group("infection", info, infection, COVID19_INFECTION, presence)]  # fmt: skip
+    groups = [_group("lung", info, [lung], codes.SCT.Lung), _group("infection", info, infection, COVID19_INFECTION)]
     findings = [str(volume_entry["finding"])] if volume_entry.get("finding") else []
-    content = _report(groups, evidence, info, warnings, findings)
+    coded = [(PRESENCE, presence)] if presence is not None else []
+    content = _report(groups, evidence, info, warnings, findings, coded)
     series = result_series(evidence[0], "measurements", info)
     return _save_sr(hd.sr.Comprehensive3DSR, evidence, content, Path(path), series, pertinent=[seg])
 
