@@ -314,7 +314,7 @@ def read_measurements(sr_path: str | Path) -> dict[str, dict[str, float]]:
 
 
 def read_findings(sr_path: str | Path) -> dict[str, Any]:
-    """{"findings": [the TEXT findings], "warnings": [...], "presence": the infection group's Present / Absent
+    """{"findings": [the TEXT findings], "warnings": [...], "presence": the coded COVID-19 infection Present / Absent
     meaning or None} from an SR written here (for tests and status)."""
     sr = pydicom.dcmread(sr_path)
     out: dict[str, Any] = {"findings": [], "warnings": [], "presence": None}
