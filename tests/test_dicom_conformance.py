@@ -236,8 +236,8 @@ def test_ct_measurement_sr_conforms_references_images_and_seg(
 def test_ct_measurement_sr_states_whether_infection_was_detected(
     series: dict[str, Path], tmp_path: Path, detected: bool
 ) -> None:
-    """Issue #31: the SR a radiologist opens says "no infection detected" in words and as SCT Absent, and carries
-    the highest slice probability of infection; the object still validates."""
+    """Issue #31: the SR a radiologist opens says "no infection detected" in words when there is none (an infected
+    volume's SR keeps its measurements only), and carries the highest slice probability; the object validates."""
     from medpipe.serve.results import read_findings, read_measurements, write_ct_measurement_sr
 
     seg_path, _, volume = _write_seg(series["rider"], tmp_path / "vol_seg.dcm")
@@ -250,7 +250,7 @@ def test_ct_measurement_sr_states_whether_infection_was_detected(
     path = write_ct_measurement_sr(entry, sources, _info(), tmp_path / "sr.dcm", warnings=["check it"])
     dciodvfy(path)
     found = read_findings(path)
-    assert found == {"findings": [finding], "warnings": ["check it"], "presence": "Present" if detected else "Absent"}
+    assert found == {"findings": [] if detected else ["no infection detected"], "warnings": ["check it"]}
     measured = read_measurements(path)["infection"]
     assert measured["Highest slice probability of infection"] == pytest.approx(0.81 if detected else 0.07)
     assert measured["Volume"] == entry["infection_volume_ml"]

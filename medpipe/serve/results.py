@@ -1,11 +1,11 @@
 """Structured reports for the node's results (highdicom), in the source study and referencing the source images.
 
 CT: a TID 1500 measurement report (Comprehensive 3D SR) with lung and infection volume in mL and the percent of
-lung involved, the values of the run's report.json; where the report has them, the highest slice probability of
-infection, and, as qualitative evaluations of the report, COVID-19 infection Present / Absent (SCT codes) and the
-finding in words ("no infection detected") as a TEXT item. CXR / brain MRI: a Comprehensive SR whose measurement group
-holds one probability per class, with the model's name and version as the algorithm identification, and, when the
-route asks for it, the Grad-CAM overlay as a secondary-capture image.
+lung involved, the values of the run's report.json; where the report has it, the highest slice probability of
+infection; and when the volume holds no infection, the finding in words ("no infection detected") as a TEXT item.
+CXR / brain MRI: a Comprehensive SR whose measurement group holds one probability per class, with the model's name
+and version as the algorithm identification, and, when the route asks for it, the Grad-CAM overlay as a
+secondary-capture image.
 (The CT DICOM-SEG itself is written by covid_ct_seg's VolumeSegmenter via medpipe.io.dicom_seg.)
 
 What viewers need, beyond the standard's minimum (docs/serve.md, "Viewing the results"):
@@ -51,8 +51,6 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  #
 WARNING = Code("warning", SCHEME, "Warning")  # a doubt the node sends with the result (docs/serve.md)
 FINDING = Code("finding", SCHEME, "Finding")  # the result in words ("no infection detected"), beside the codes
 INFECTION_PROBABILITY = Code("p_infection_max", SCHEME, "Highest slice probability of infection")
-PRESENCE = Code("inf_presence", SCHEME, "COVID-19 infection presence")  # its value: PRESENT or ABSENT
-PRESENT, ABSENT = Code("52101004", "SCT", "Present"), Code("2667000", "SCT", "Absent")
 
 
 def probability_code(class_name: str) -> Code:
@@ -91,13 +89,10 @@ def _coordinates(source: pydicom.Dataset, points: np.ndarray, graphic_type: str)
 
 def _report(
     groups: Sequence[Any], evidence: Sequence[pydicom.Dataset], info: ModelInfo, warnings: Sequence[str] = (),
-    findings: Sequence[str] = (), coded: Sequence[tuple[Code, Code]] = (),
+    findings: Sequence[str] = (),
 ) -> Any:  # fmt: skip
-    """The TID 1500 content: device observer, procedure and measurement groups; in a "Qualitative Evaluations"
-    container, `coded` (concept, value) as CODE items, `findings` (the result in words) and `warnings` (the node's
-    doubts about the result) as TEXT items. Coded evaluations sit there, not in a measurement group: OHIF 3.12's SR
-    viewport, given a CODE item inside a group, rebuilt the viewport under load and raised "stack viewport has been
-    destroyed" (tests/test_viewer.py)."""
+    """The TID 1500 content: device observer, procedure and measurement groups; `findings` (the result in words) and
+    `warnings` (the node's doubts about the result) as TEXT items of a "Qualitative Evaluations" container."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -115,13 +110,12 @@ def _report(
         imaging_measurements=list(groups),
     )
     report[0].ContentSequence.insert(_index_of(report[0], codes.DCM.ImagingMeasurements), _image_library(evidence))
-    if warnings or findings or coded:
+    if warnings or findings:
         contains = hd.sr.RelationshipTypeValues.CONTAINS
         evaluations = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=contains)
         evaluations.ContentSequence = hd.sr.ContentSequence(
-            [hd.sr.CodeContentItem(name=name, value=value, relationship_type=contains) for name, value in coded]
-            + [hd.sr.TextContentItem(name=name, value=text[:1024], relationship_type=contains)
-               for name, texts in ((FINDING, findings), (WARNING, warnings)) for text in texts]
+            [hd.sr.TextContentItem(name=name, value=text[:1024], relationship_type=contains)
+             for name, texts in ((FINDING, findings), (WARNING, warnings)) for text in texts]
         )  # TEXT values hold up to 1024 characters (UT would allow more; 1024 is plenty for one line)
         report[0].ContentSequence.append(evaluations)
     return report
@@ -267,15 +261,16 @@ def write_ct_measurement_sr(
     if volume_entry.get("infection_probability_max") is not None:
         p = float(volume_entry["infection_probability_max"])
         infection.append(measurement(INFECTION_PROBABILITY, p, NO_UNITS, infection_at))
-    presence = None
-    if volume_entry.get("infection_detected") is not None:
-        presence = PRESENT if volume_entry["infection_detected"] else ABSENT
     # TID 1501 groups, not TID 1411 volumetric ROIs naming the SEG segment: TID 1411 allows no SCOORD under its
     # measurements, which OHIF needs; the SEG is named as pertinent other evidence instead
     groups = [_group("lung", info, [lung], codes.SCT.Lung), _group("infection", info, infection, COVID19_INFECTION)]
-    findings = [str(volume_entry["finding"])] if volume_entry.get("finding") else []
-    coded = [(PRESENCE, presence)] if presence is not None else []
-    content = _report(groups, evidence, info, warnings, findings, coded)
+    # the finding in words only where the measurements cannot say it (no infection, no lung): SR content OHIF 3.12
+    # had not met before (a coded Present / Absent item, a finding on every report) made its SR viewport raise "stack
+    # viewport has been destroyed" in the clean-clone runs (tests/test_viewer.py), so infected volumes' SRs keep
+    # their earlier form
+    finding = str(volume_entry.get("finding") or "")
+    findings = [finding] if finding and not volume_entry.get("infection_detected", True) else []
+    content = _report(groups, evidence, info, warnings, findings)
     series = result_series(evidence[0], "measurements", info)
     return _save_sr(hd.sr.Comprehensive3DSR, evidence, content, Path(path), series, pertinent=[seg])
 
@@ -314,10 +309,9 @@ def read_measurements(sr_path: str | Path) -> dict[str, dict[str, float]]:
 
 
 def read_findings(sr_path: str | Path) -> dict[str, Any]:
-    """{"findings": [the TEXT findings], "warnings": [...], "presence": the coded COVID-19 infection Present / Absent
-    meaning or None} from an SR written here (for tests and status)."""
+    """{"findings": [the TEXT findings], "warnings": [...]} from an SR written here (for tests and status)."""
     sr = pydicom.dcmread(sr_path)
-    out: dict[str, Any] = {"findings": [], "warnings": [], "presence": None}
+    out: dict[str, Any] = {"findings": [], "warnings": []}
 
     def walk(items: Any) -> None:
         for item in items:
@@ -325,8 +319,6 @@ def read_findings(sr_path: str | Path) -> dict[str, Any]:
             name = concept[0].get("CodeValue") or concept[0].get("LongCodeValue")
             if item.ValueType == "TEXT" and name in (FINDING.value, WARNING.value):
                 out["findings" if name == FINDING.value else "warnings"].append(str(item.TextValue))
-            elif item.ValueType == "CODE" and name == PRESENCE.value:
-                out["presence"] = str(item.ConceptCodeSequence[0].CodeMeaning)
             walk(item.get("ContentSequence", []))
 
     walk(sr.ContentSequence)
