@@ -104,9 +104,9 @@ def slice_infection_fractions(labels: np.ndarray, axis: int = 0) -> np.ndarray:
 
 def gate_infection_slices(labels: np.ndarray, min_lung_fraction: float, axis: int = 0) -> np.ndarray:
     """The slice gate: on every slice whose infection is under `min_lung_fraction` of its lung, infection becomes
-    lung (the lung mask is unchanged). A slice keeps its infection only when there is enough of it to be told from
-    the scattered false positives the model leaves on infection-free scans (results log §10). Returns the input
-    itself when nothing changes."""
+    lung (the lung mask is unchanged). Off by default: with the default model no threshold told false infection on
+    infection-free series from true infection (results log §10); for a model and series where one does. Returns the
+    input itself when nothing changes."""
     threshold = check_lung_fraction(min_lung_fraction)
     array = np.asarray(labels)
     if threshold == 0.0 or not (array == INFECTION).any():
