@@ -59,7 +59,29 @@ def relabel_small_components(
     return out[0] if array.ndim == 2 else np.moveaxis(out, 0, axis)
 
 
-class RelabelSmallComponentsd(MapTransform):
+class _PlaneFixd(MapTransform):
+    """A dict transform applying `fix` (a (H, W) label map -> the same array when nothing changes, else a new one) to
+    (1, H, W) or (H, W) label-map tensors (after argmax); `off`: pass the data through untouched."""
+
+    off = False
+
+    def fix(self, plane: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        if self.off:
+            return out
+        for key in self.key_iterator(out):
+            tensor = torch.as_tensor(out[key])
+            plane = tensor.detach().cpu().numpy().reshape(tensor.shape[-2:])
+            fixed = self.fix(plane)
+            if fixed is not plane:
+                out[key] = torch.as_tensor(fixed.reshape(tensor.shape), dtype=tensor.dtype)
+        return out
+
+
+class RelabelSmallComponentsd(_PlaneFixd):
     """Dict transform of `relabel_small_components` for (1, H, W) or (H, W) label-map tensors (after argmax)."""
 
     def __init__(
@@ -67,18 +89,10 @@ class RelabelSmallComponentsd(MapTransform):
     ) -> None:
         super().__init__(keys)
         self.min_fraction, self.label, self.into = check_fraction(min_fraction), label, into
+        self.off = self.min_fraction == 0.0
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        out = dict(data)
-        if self.min_fraction == 0.0:
-            return out
-        for key in self.key_iterator(out):
-            tensor = torch.as_tensor(out[key])
-            plane = tensor.detach().cpu().numpy().reshape(tensor.shape[-2:])
-            fixed = relabel_small_components(plane, self.min_fraction, self.label, self.into)
-            if fixed is not plane:
-                out[key] = torch.as_tensor(fixed.reshape(tensor.shape), dtype=tensor.dtype)
-        return out
+    def fix(self, plane: np.ndarray) -> np.ndarray:
+        return relabel_small_components(plane, self.min_fraction, self.label, self.into)
 
 
 def check_lung_fraction(value: Any) -> float:
@@ -122,24 +136,16 @@ def gate_infection_slices(labels: np.ndarray, min_lung_fraction: float, axis: in
     return stack[0] if array.ndim == 2 else np.moveaxis(stack, 0, axis)
 
 
-class GateInfectionSliced(MapTransform):
+class GateInfectionSliced(_PlaneFixd):
     """Dict transform of `gate_infection_slices` for one (1, H, W) or (H, W) label-map slice (after argmax)."""
 
     def __init__(self, keys: str | Sequence[str], min_lung_fraction: float) -> None:
         super().__init__(keys)
         self.min_lung_fraction = check_lung_fraction(min_lung_fraction)
+        self.off = self.min_lung_fraction == 0.0
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        out = dict(data)
-        if self.min_lung_fraction == 0.0:
-            return out
-        for key in self.key_iterator(out):
-            tensor = torch.as_tensor(out[key])
-            plane = tensor.detach().cpu().numpy().reshape(tensor.shape[-2:])
-            fixed = gate_infection_slices(plane, self.min_lung_fraction)
-            if fixed is not plane:
-                out[key] = torch.as_tensor(fixed.reshape(tensor.shape), dtype=tensor.dtype)
-        return out
+    def fix(self, plane: np.ndarray) -> np.ndarray:
+        return gate_infection_slices(plane, self.min_lung_fraction)
 
 
 # soft tissue, fat, skin and bone are above this HU; air and lung below it (as ct_intensity.MAX_MIN_HU)
