@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+_quieted = False  # quiet_other_ranks disabled INFO logging in this process
 
 
 def is_distributed() -> bool:
@@ -40,11 +42,14 @@ def from_main_rank(read: Callable[[], T]) -> T:
 
 
 def quiet_other_ranks() -> None:
-    """Ranks other than 0 log warnings and errors only: N copies of every epoch line say nothing more than one."""
-    if is_main_rank():
-        return
-    for handler in logging.getLogger().handlers:
-        handler.setLevel(max(handler.level, logging.WARNING))
+    """Ranks other than 0 log warnings and errors only: N copies of every epoch line say nothing more than one.
+
+    Process-wide (`logging.disable`), not per handler: MONAI's StatsHandler makes its own logger and handler when
+    the trainer is built, after this runs, and each rank's loss lines came through it."""
+    global _quieted
+    if not is_main_rank():
+        logging.disable(logging.INFO)
+        _quieted = True
 
 
 def local_device() -> torch.device:
@@ -77,13 +82,33 @@ def init_process_group() -> None:
     quiet_other_ranks()
 
 
+# Seconds the main thread sleeps (releasing the GIL) after leaving a gloo job; see destroy_process_group
+GLOO_DRAIN_S = 1.0
+
+
 def destroy_process_group() -> None:
-    """Leave the job (all ranks), and reset ignite to serial so a later in-process run starts clean."""
+    """Leave the job (all ranks), and reset ignite to serial so a later in-process run starts clean.
+
+    On gloo, a collective's work object is freed by gloo's worker thread a moment after `wait()` returns, and
+    freeing it drops a Python reference, which needs the GIL. If the main thread is already finalizing the
+    interpreter by then, the worker thread is torn down and the rank dies of SIGABRT ("terminate called without an
+    active exception", core: `AsyncBarrierWork::~AsyncBarrierWork` -> `take_gil` -> `pthread_exit`) after the job's
+    work is done (a CI failure). `benchmarks/ddp_teardown.py`, beside a training job: 9 of 30 two-rank jobs aborted
+    this way with torch's plain teardown, 0 of 30 with this one. GLOO_DRAIN_S gives the workers that moment, with
+    margin for a loaded CPU; torch's destroy_process_group() does not join gloo's worker threads (DDP still holds
+    the group)."""
     import ignite.distributed as idist
 
     if dist.is_available() and dist.is_initialized():
+        gloo = dist.get_backend() == "gloo"
         dist.barrier()  # no rank tears down while another still finishes its last collective
         dist.destroy_process_group()
+        if gloo:
+            time.sleep(GLOO_DRAIN_S)
+    global _quieted
+    if _quieted:  # undo quiet_other_ranks for whatever runs next in this process
+        logging.disable(logging.NOTSET)
+        _quieted = False
     idist.sync()
 
 
