@@ -12,8 +12,10 @@ skipping it quietly would leave its series a slice short.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,37 @@ from medpipe.errors import MedpipeError
 log = logging.getLogger("medpipe.io.dicom")  # one logger for scanning and loading, as callers filter on it
 # values longer than this stay on disk until needed, so scanning a tree reads headers only
 _DEFER_BYTES = 4096
+INVALID_UID = "Invalid value for VR UI"  # pydicom's message for a non-conformant UID (UUID-style, some sets)
+
+
+class _Collect(logging.Filter):
+    """Drop, and keep, the log records of one pydicom message."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.messages = text, []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text in record.getMessage():
+            self.messages.append(record.getMessage())
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def invalid_uid_messages() -> Iterator[list[str]]:
+    """Inside: pydicom's per-file "Invalid value for VR UI" is neither warned nor logged; the list it yields gets
+    each message, so the caller can say it once. pydicom sends it both ways (`warn_and_log`): a bundle's logging.conf
+    prints the log record of every file (133 lines for one COVID-CT-MD series) even where the warning is caught."""
+    collect = _Collect(INVALID_UID)
+    pydicom_log = logging.getLogger("pydicom")
+    pydicom_log.addFilter(collect)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=INVALID_UID)
+            yield collect.messages
+    finally:
+        pydicom_log.removeFilter(collect)
 
 PIXEL_DATA = 0x7FE00010
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: a complete file without a SOP Class in its data set
@@ -263,10 +296,9 @@ def find_series(root: str | Path) -> Scan:
             log.info("skipping %s: %s", path, reason)
             skipped.append(Skipped(str(path), reason))
             continue
-        with warnings.catch_warnings(record=True) as caught:  # pydicom warns per file on non-conformant UIDs
-            warnings.simplefilter("always")
+        with invalid_uid_messages() as messages:
             uid = str(ds.get("SeriesInstanceUID", "")) or f"(no SeriesInstanceUID: {path.parent})"
-        invalid_uids += [str(w.message) for w in caught if "Invalid value for VR UI" in str(w.message)]
+        invalid_uids += messages
         by_uid.setdefault(uid, []).append(SliceFile(path, ds))
     if invalid_uids:  # one line for the whole folder (UUID-style UIDs of some de-identified sets), read as they are
         log.warning("%s: %d file(s) carry UIDs that are not DICOM-conformant, read as they are (%s)", root,

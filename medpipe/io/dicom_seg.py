@@ -18,7 +18,6 @@ draw them apart."""
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pydicom.uid import UID
 from medpipe.errors import MedpipeError
 from medpipe.files import atomic_write
 from medpipe.io.dicom import Volume
+from medpipe.io.dicom_scan import invalid_uid_messages
 
 # type-2 attributes of the Patient and General Study modules that highdicom copies from the source image
 TYPE2_COPIED = (
@@ -165,8 +165,7 @@ def _seg_frames(mask: np.ndarray, volume: Volume) -> tuple[np.ndarray, list[pydi
 
 def volume_seg_blocker(volume: Volume) -> str | None:
     """Why no DICOM-SEG can be written for this DICOM-loaded volume (see `seg_blocker`), or None."""
-    with warnings.catch_warnings():  # pydicom warns per file on malformed UIDs; the blocker's message names them once
-        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+    with invalid_uid_messages():  # pydicom warns per file on malformed UIDs; the blocker's message names them once
         sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in volume.source_files if f is not None]
         return seg_blocker(sources) if sources else "the volume has no source DICOM files"
 
