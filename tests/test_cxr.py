@@ -74,6 +74,14 @@ def test_labels_csv_bad_row_is_one_line_error(tmp_path: Path, bad_row: tuple, me
     assert "\n" not in str(info.value) and "labels.csv" in str(info.value)
 
 
+def test_labels_csv_saved_by_excel_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path, _good_rows(), images=True)
+    text = (root / "labels.csv").read_text()
+    (root / "labels.csv").write_text(text, encoding="utf-8-sig")  # Excel's "CSV UTF-8"
+    items = read_labels_csv(root, THREE)
+    assert len(items) == len(_good_rows()) and items[0]["path"] == "images/covid19_0.png"
+
+
 def test_bad_labels_csv_stops_the_bundle_in_one_line(tmp_path: Path) -> None:
     rows = _good_rows() + [("images/absent.png", "covid19", "px", "ieee8023")]
     root = _write_dataset(tmp_path / "data", rows[:-1])

@@ -83,7 +83,7 @@ def test_layout_named_explicitly_and_unusable_paths_are_one_line(cip: tuple, tmp
         ((str(tmp_path),), "no dataset.json"),
         ((str(folder), "--layout", "kits"), "unknown layout"),
         ((str(folder), "--label_map", '{"lung": ["lung"]}'), "--label_map maps labels onto a bundle's classes"),
-        ((str(folder), "--bundle", "covid_cxr_cls"), "declares no class_names list"),
+        ((str(folder), "--bundle", "covid_cxr_cls"), "no labels.csv; covid_cxr_cls reads a labels CSV"),
     ]:
         result = medpipe_dataset_check(*args)
         assert result.returncode != 0 and result.stdout == ""

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medpipe.errors import MedpipeError
+
+if TYPE_CHECKING:  # for the annotations only: `medpipe --help` imports no MONAI
+    from medpipe.data.classification_check import ClassificationBundle
 
 BANNER = "=" * 78
 
@@ -426,12 +429,15 @@ def dataset_command(
 ) -> None:
     """medpipe dataset check PATH [--layout nnunet|msd|dicom_seg] [--bundle NAME [--label_map JSON]
     [--absent_structures S]]
+    medpipe dataset check PATH --bundle brain_tumor_cls|covid_cxr_cls
     medpipe dataset convert SRC DST --to nnunet [--max_cases N]
 
     check: a segmentation data set (nnU-Net v2 raw, MSD / MONAI datalist or DICOM + DICOM-SEG, docs/datasets.md):
     one `error:` line per problem, then a summary (cases, labels and voxel counts, spacings, orientations, intensity
     range); exits non-zero on any problem. --bundle NAME: also map the labels onto the bundle's classes, by name or by
     --label_map '{"lung": ["left lung", "right lung"]}'; --absent_structures infection: the data set holds none.
+    With a classification bundle, PATH is checked as that bundle reads it (class folders or labels.csv, its classes):
+    one `error:` line per problem, then images per class, sizes, modes, exact copies and the groups folds split by.
     convert: the covid_ct_seg PNG slices (datalist.json) into an nnU-Net v2 raw folder DST, each volume group's
     slices stacked in source_index order (--max_cases N: the first N volume groups).
     """
@@ -451,13 +457,34 @@ def dataset_command(
     classes = None
     if bundle is not None:
         from medpipe.bundle.config import find_bundle
+        from medpipe.data.classification_check import classification_bundle
 
-        classes = bundle_classes(find_bundle(str(bundle)))
+        bundle_dir = find_bundle(str(bundle))
+        reads = classification_bundle(bundle_dir)
+        if reads is not None:
+            _check_classification_dataset(str(path), reads, layout=layout, label_map=label_map,
+                                          absent_structures=absent_structures)  # fmt: skip
+            return
+        classes = bundle_classes(bundle_dir)
     elif label_map is not None or absent_structures is not None:
         given = "--label_map" if label_map is not None else "--absent_structures"
         raise MedpipeError(f"{given} maps labels onto a bundle's classes: give --bundle NAME too")
     report = check_dataset(str(path), None if layout is None else str(layout), classes, parse_label_map(label_map),
                            parse_names(absent_structures))  # fmt: skip
     print(format_report(report))
+    if not report.ok:
+        raise MedpipeError(f"{path}: {len(report.problems)} problem(s), each an 'error:' line above")
+
+
+def _check_classification_dataset(path: str, reads: ClassificationBundle, **segmentation_only: Any) -> None:
+    """`dataset check PATH --bundle NAME` for a classification bundle: the layout and classes are the bundle's."""
+    from medpipe.data.classification_check import check_classification_dataset, format_classification_report
+
+    given = [f"--{key}" for key, value in segmentation_only.items() if value is not None]
+    if given:
+        raise MedpipeError(f"{', '.join(given)}: segmentation only; {reads.name} reads {reads.layout} with its own "
+                           "classes (docs/datasets.md)")  # fmt: skip
+    report = check_classification_dataset(path, reads)
+    print(format_classification_report(report))
     if not report.ok:
         raise MedpipeError(f"{path}: {len(report.problems)} problem(s), each an 'error:' line above")

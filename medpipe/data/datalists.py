@@ -61,70 +61,94 @@ def files_under(folder: str | Path) -> list[Path]:
     return sorted(p for p in found if p.is_file())
 
 
-def _read_manifest_groups(root: Path, class_names: Sequence[str], split_mode: str = "group") -> dict[str, str]:
+def _refuse(message: str, problems: list[str] | None) -> None:
+    """Stop with `message` in one line, or, for a check that reports every problem at once (`problems` given:
+    medpipe.data.classification_check), note it and let the reader go on."""
+    if problems is None:
+        raise MedpipeError(message)
+    problems.append(message)
+
+
+def _read_manifest_groups(
+    root: Path, class_names: Sequence[str], split_mode: str = "group", problems: list[str] | None = None
+) -> dict[str, str]:
     """Map relative path -> group id ('' = its own group) of every row of `<root>/MANIFEST.csv`; {} without one.
 
     A manifest that cannot group (no `path` column; no group column while split_mode is 'group'), is not UTF-8,
     names files that do not exist, or gives a class label that contradicts the file's class folder is refused in
-    one line: ignoring it would silently turn a group split into a random one."""
+    one line: ignoring it would silently turn a group split into a random one. With `problems`, each is noted
+    there instead (the rows one line each) and what can still be read is returned."""
     manifest = root / "MANIFEST.csv"
     if not manifest.is_file():
         return {}
     try:
         text = manifest.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise MedpipeError(f"'{manifest}' is not UTF-8 text (byte {exc.start}): save it as UTF-8 CSV") from exc
+        _refuse(f"'{manifest}' is not UTF-8 text (byte {exc.start}): save it as UTF-8 CSV", problems)
+        return {}
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows, fields = list(reader), reader.fieldnames or []
     if "path" not in fields:
-        raise MedpipeError(f"'{manifest}' has no 'path' column (columns {fields}): rows cannot be matched to images")
+        _refuse(f"'{manifest}' has no 'path' column (columns {fields}): rows cannot be matched to images", problems)
+        return {}
     column = next((c for c in GROUP_COLUMNS if c in fields), None)
     if column is None and split_mode == "group":
-        raise MedpipeError(
-            f"'{manifest}' has no group column (one of {list(GROUP_COLUMNS)}): split_mode group would not keep copies "
-            "together; add the column or use --split_mode random"
-        )
-    missing = [row["path"] for row in rows if not (root / (row["path"] or "").strip()).is_file()]
-    if missing:
-        raise MedpipeError(f"'{manifest}' names {len(missing)} file(s) that do not exist (first: '{missing[0]}')")
+        _refuse(f"'{manifest}' has no group column (one of {list(GROUP_COLUMNS)}): split_mode group would not keep "
+                "copies together; add the column or use --split_mode random", problems)  # fmt: skip
+    numbered = list(enumerate(rows, start=2))  # row 1 is the header, as a spreadsheet numbers it
+    missing = [(n, row["path"]) for n, row in numbered if not (root / (row["path"] or "").strip()).is_file()]
+    if missing and problems is None:
+        raise MedpipeError(f"'{manifest}' names {len(missing)} file(s) that do not exist (first: '{missing[0][1]}')")
+    for n, path in missing:
+        _refuse(f"{manifest} row {n}: '{path}' does not exist; fix the path or delete the row", problems)
     if "label" in fields:  # only labels written as class names can be compared with the class folder
-        wrong = [row for row in rows if (row["label"] or "").strip() in class_names
+        wrong = [(n, row) for n, row in numbered if (row["label"] or "").strip() in class_names
                  and Path(row["path"].strip()).parts[0] != row["label"].strip()]  # fmt: skip
-        if wrong:
+        if wrong and problems is None:
+            first = wrong[0][1]
             raise MedpipeError(f"'{manifest}' gives {len(wrong)} file(s) a label that contradicts their class folder "
-                               f"(first: '{wrong[0]['path']}' labelled '{wrong[0]['label']}')")  # fmt: skip
+                               f"(first: '{first['path']}' labelled '{first['label']}')")  # fmt: skip
+        for n, row in wrong:
+            _refuse(f"{manifest} row {n}: '{row['path']}' is labelled '{row['label']}', which contradicts its class "
+                    "folder; move the file or fix the label", problems)  # fmt: skip
     if column is None:  # split_mode random: the manifest has nothing to say about groups
         return {}
     return {row["path"].strip(): (row.get(column) or "").strip() for row in rows}
 
 
 def scan_class_folders(
-    root: str | Path, class_names: Sequence[str], split_mode: str = "group"
+    root: str | Path, class_names: Sequence[str], split_mode: str = "group", problems: list[str] | None = None
 ) -> list[dict[str, Any]]:
     """List every image under `<root>/<class>/` as {image, label, path, group}; refuse anything ambiguous.
 
-    Images that a grouping MANIFEST.csv does not list get their own group, with a warning giving their count."""
+    Images that a grouping MANIFEST.csv does not list get their own group, with a warning giving their count.
+    With `problems` (a data set check), each refusal is noted there, one line per folder, file or manifest row, and
+    the images that can be read are returned; a class without images is then left to the caller to report."""
     root = Path(root)
     if not root.is_dir():
         raise MedpipeError(f"dataset folder '{root}' does not exist; set --dataset_dir or MEDPIPE_DATA")
     subdirs = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     unknown = sorted(name for name in subdirs if name not in class_names)
-    if unknown:
+    if unknown and problems is None:
         raise MedpipeError(f"'{root}' has folders {unknown} that are not classes {list(class_names)}")
+    for name in unknown:
+        _refuse(f"'{root / name}/': not a class {list(class_names)}; rename the folder to its class or move it out "
+                "of the data set", problems)  # fmt: skip
     missing = [c for c in class_names if not (root / c).is_dir()]
-    if missing:
+    if missing and problems is None:
         raise MedpipeError(
             f"'{root}' has no folder for class(es) {missing}: every class {list(class_names)} needs images"
         )
-    groups = _read_manifest_groups(root, class_names, split_mode)
+    groups = _read_manifest_groups(root, class_names, split_mode, problems)
     items: list[dict[str, Any]] = []
     for label, class_name in enumerate(class_names):
-        files = files_under(root / class_name)
-        if not files:
+        files = files_under(root / class_name) if class_name not in missing else []
+        if not files and problems is None:
             raise MedpipeError(f"class folder '{root / class_name}' is empty")
         for path in files:
             if not is_image_file(path):
-                raise MedpipeError(f"'{path}' is not an image file; remove it from the class folder")
+                _refuse(f"'{path}' is not an image file; remove it from the class folder", problems)
+                continue
             rel = path.relative_to(root).as_posix()
             items.append({"image": str(path), "label": label, "path": rel, "group": groups.get(rel) or rel})
     unlisted = [it["path"] for it in items if it["path"] not in groups]
@@ -180,13 +204,14 @@ def inference_items(inputs: str | Path | Sequence[str | Path]) -> list[dict[str,
 
 def read_labels_csv(
     dataset_dir: str | Path, class_names: Sequence[str], label_map: dict[str, str] | None = None,
-    csv_name: str = "labels.csv",
+    csv_name: str = "labels.csv", problems: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Items {image, label, path, group, source, finding} from `<dataset_dir>/<csv_name>`, every row checked.
 
     `label_map` maps the CSV's label to a class name (e.g. pneumonia -> non_covid for a 2-class task); the CSV
     label is kept as `finding` and the `source` column (if any) as `source`, for per-source reports.
-    A missing image, an unknown label, an empty patient_id or an image listed twice stops with one line.
+    A missing image, an unknown label, an empty patient_id or an image listed twice stops with one line; with
+    `problems` (a data set check) each such row is noted there and left out, and the other rows are returned.
     """
     root = Path(dataset_dir)
     csv_path = root / csv_name
@@ -196,35 +221,43 @@ def read_labels_csv(
     bad_targets = sorted(set(label_map.values()) - set(class_names))
     if bad_targets:
         raise MedpipeError(f"label_map targets {bad_targets} are not classes {list(class_names)}")
-    with csv_path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing_cols = [c for c in LABELS_CSV_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing_cols:
-            raise MedpipeError(f"'{csv_path}' lacks column(s) {missing_cols}; it needs {list(LABELS_CSV_COLUMNS)}")
-        rows = list(reader)
+    try:  # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would hide the first column's name
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MedpipeError(f"'{csv_path}' is not UTF-8 text (byte {exc.start}): save it as UTF-8 CSV") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing_cols = [c for c in LABELS_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing_cols:
+        raise MedpipeError(f"'{csv_path}' lacks column(s) {missing_cols}; it needs {list(LABELS_CSV_COLUMNS)}")
+    rows = list(reader)
     items: list[dict[str, Any]] = []
     first_row: dict[str, int] = {}
     for row_no, row in enumerate(rows, start=2):  # row 1 is the header, as a spreadsheet numbers it
         where = f"{csv_path} row {row_no}"
         name, finding, group = (row.get(k, "").strip() for k in ("image", "label", "patient_id"))
-        if name in first_row:
-            raise MedpipeError(f"{where}: image '{name}' is listed twice (first on row {first_row[name]})")
-        first_row[name] = row_no
-        if finding not in label_map:
-            raise MedpipeError(f"{where}: unknown label '{finding}' (expected one of {sorted(label_map)})")
-        if not group:
-            raise MedpipeError(f"{where}: empty patient_id; every image needs its patient so splits cannot leak")
         path = root / name
-        if not name or not path.is_file():
-            raise MedpipeError(f"{where}: image '{name}' not found in '{root}'")
-        if not is_image_file(path):
-            raise MedpipeError(f"{where}: '{name}' is not a supported image file")
+        if name in first_row:
+            refusal = f"image '{name}' is listed twice (first on row {first_row[name]}); keep one row"
+        elif finding not in label_map:
+            refusal = f"unknown label '{finding}' (expected one of {sorted(label_map)})"
+        elif not group:
+            refusal = "empty patient_id; every image needs its patient so splits cannot leak"
+        elif not name or not path.is_file():
+            refusal = f"image '{name}' not found in '{root}'; fix the path or delete the row"
+        elif not is_image_file(path):
+            refusal = f"'{name}' is not a supported image file"
+        else:
+            refusal = ""
+        first_row.setdefault(name, row_no)
+        if refusal:
+            _refuse(f"{where}: {refusal}", problems)
+            continue
         items.append({
             "image": str(path), "label": list(class_names).index(label_map[finding]), "path": name, "group": group,
             "source": row.get("source", "").strip() or "unknown", "finding": finding,
         })  # fmt: skip
-    if not items:
-        raise MedpipeError(f"'{csv_path}' has no rows")
+    if not rows:
+        _refuse(f"'{csv_path}' has no rows", problems)
     return items
 
 
