@@ -1,11 +1,14 @@
 """`medpipe dataset check PATH --bundle brain_tumor_cls|covid_cxr_cls`: the real class-folder and labels-CSV sets pass
 with the counts their bundles' own datalist functions give; each fault, built in tmp_path from a few copied real
-images, is one `error:` line and a non-zero exit, through the real CLI."""
+images, is one `error:` line and a non-zero exit, through the CLI entry (a subprocess for the real sets)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import shutil
+import subprocess
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 from test_dataset_check import error_lines, medpipe_dataset_check
 
 from conftest import REPO, real_dataset
+from medpipe.cli import main
 from medpipe.data.classification_check import classification_bundle
 from medpipe.data.datalists import class_folder_datalists, labels_csv_datalists, read_labels_csv, scan_class_folders
 from medpipe.errors import MedpipeError
@@ -22,6 +26,18 @@ from medpipe.errors import MedpipeError
 BRAIN = ["no", "yes"]
 CXR = ["covid19", "pneumonia", "normal"]
 CXR_COLUMNS = ["image", "label", "patient_id", "source"]
+
+
+def in_process_check(*args: str) -> subprocess.CompletedProcess:
+    """`medpipe dataset check ARGS` through the same CLI entry, in this process: the fault tests below would
+    otherwise pay ~4 s of imports each in a subprocess; the real sets and one refusal go through the real command."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["dataset", "check", *args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def summary(result: object, title: str) -> str:
@@ -149,7 +165,7 @@ BRAIN_FAULTS: dict[str, Callable[[Path], tuple[Path, str]]] = {
 
 
 def test_the_small_brain_set_passes(brain_set: Path) -> None:
-    result = medpipe_dataset_check(str(brain_set), "--bundle", "brain_tumor_cls")
+    result = in_process_check(str(brain_set), "--bundle", "brain_tumor_cls")
     assert result.returncode == 0, result.stdout + result.stderr
     assert class_rows(result) == {"no": 3, "yes": 3} and summary(result, "result") == "ok"
     assert summary(result, "groups").startswith("6 (no MANIFEST.csv: one per image, split_mode group)")
@@ -158,7 +174,7 @@ def test_the_small_brain_set_passes(brain_set: Path) -> None:
 @pytest.mark.parametrize("fault", list(BRAIN_FAULTS))
 def test_each_class_folder_fault_is_one_line(fault: str, brain_set: Path) -> None:
     root, expected = BRAIN_FAULTS[fault](brain_set)
-    result = medpipe_dataset_check(str(root), "--bundle", "brain_tumor_cls")
+    result = in_process_check(str(root), "--bundle", "brain_tumor_cls")
     assert result.returncode != 0
     lines = error_lines(result)
     assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), result.stdout
@@ -231,11 +247,11 @@ CSV_FAULTS: dict[str, Callable[[Path], tuple[Path, str]]] = {
 
 @pytest.mark.parametrize("fault", list(CSV_FAULTS))
 def test_each_labels_csv_fault_is_one_line(fault: str, cxr_set: Path) -> None:
-    clean = medpipe_dataset_check(str(cxr_set), "--bundle", "covid_cxr_cls") if fault == "missing-file" else None
+    clean = in_process_check(str(cxr_set), "--bundle", "covid_cxr_cls") if fault == "missing-file" else None
     if clean is not None:  # the clean set first, once
         assert clean.returncode == 0 and class_rows(clean) == {c: 2 for c in CXR}, clean.stdout + clean.stderr
     root, expected = CSV_FAULTS[fault](cxr_set)
-    result = medpipe_dataset_check(str(root), "--bundle", "covid_cxr_cls")
+    result = in_process_check(str(root), "--bundle", "covid_cxr_cls")
     assert result.returncode != 0
     assert error_lines(result) == [f"error: {expected}"], result.stdout
     assert summary(result, "result") == "1 problem(s)"
@@ -245,7 +261,7 @@ def test_every_problem_is_reported_at_once_and_the_rest_is_summarised(cxr_set: P
     rows = _rows(cxr_set)
     rows[0][1] = "tuberculosis"
     _write_csv(cxr_set, [*rows, rows[3], ["images/gone.jpg", "normal", "p:gone", "nih_chestxray8"]])
-    result = medpipe_dataset_check(str(cxr_set), "--bundle", "covid_cxr_cls")
+    result = in_process_check(str(cxr_set), "--bundle", "covid_cxr_cls")
     assert result.returncode != 0
     assert [line.split(": ", 2)[2].split(" ")[0] for line in error_lines(result)] == ["unknown", "image", "image"]
     assert [line.split(": ", 2)[1].split(" row ")[1] for line in error_lines(result)] == ["2", "8", "9"]
@@ -274,7 +290,7 @@ def test_a_dicom_listed_in_labels_csv_is_read_as_the_bundle_reads_it(cxr_set: Pa
     ds.PixelData = pixels.tobytes()
     ds.save_as(cxr_set / "images" / "radiograph.dcm", enforce_file_format=True)
     _write_csv(cxr_set, [*rows, ["images/radiograph.dcm", "covid19", "p:dicom", "dicom"]])
-    result = medpipe_dataset_check(str(cxr_set), "--bundle", "covid_cxr_cls")
+    result = in_process_check(str(cxr_set), "--bundle", "covid_cxr_cls")
     assert result.returncode == 0, result.stdout + result.stderr
     assert class_rows(result) == {"covid19": 3, "pneumonia": 2, "normal": 2}
     assert summary(result, "modes") == "L 6, DICOM MONOCHROME2 8-bit 1"
