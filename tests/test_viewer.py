@@ -34,6 +34,18 @@ ARTIFACTS = REPO / "test-artifacts" / "viewer"
 FIRST_SLICE, SLICES = 36, 24
 # the SEG's recommended display colours (docs/serve.md): OHIF draws the segment outlines in exactly these
 ORANGE, BLUE = (255, 110, 0), (30, 144, 255)
+# cornerstone3D throws this from a render queued for a viewport that OHIF has just replaced (double-clicking a
+# series recreates the viewport). It came in clean-clone runs with two SR forms, the last one after the SR had opened
+# with the right values, while `make test` passed the same code the same day: OHIF's race, not what it shows. Only
+# this message is let through; any other page error fails the test.
+OHIF_VIEWPORT_RACE = "The stack viewport has been destroyed and is no longer usable"
+
+
+def unexpected(errors: list[str]) -> list[str]:
+    """The page errors other than OHIF_VIEWPORT_RACE."""
+    return [e for e in errors if not e.startswith(OHIF_VIEWPORT_RACE)]
+
+
 BROWSER_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
                 "--disable-background-networking", "--disable-component-update", "--no-first-run"]  # fmt: skip
 # a person who has seen OHIF once: its onboarding tour and the investigational-use notice are dismissed
@@ -216,7 +228,7 @@ def test_seg_and_sr_of_a_ct_job_show_in_ohif(stack: tuple[ViewerStack, OrthancRe
             assert drawn and all(min(abs(v - ml) for ml in volumes) < 0.01 for v in drawn), (drawn, volumes)
             mark("SR shown")
             assert page.get_by_text("Something went wrong").count() == 0
-            assert not errors, f"page errors: {errors}"
+            assert not unexpected(errors), f"page errors: {errors}"
         finally:
             browser.close()
             print(f"viewer test phases (s): {phases}")
@@ -315,7 +327,7 @@ def test_classification_sr_and_gradcam_of_a_cxr_job_show_in_ohif(stack: tuple[Vi
             assert all(abs(drawn[k] - probabilities[k]) <= 0.005 for k in drawn), (drawn, probabilities)
             mark("SR shown")
             assert page.get_by_text("Something went wrong").count() == 0
-            assert not errors, f"page errors: {errors}"
+            assert not unexpected(errors), f"page errors: {errors}"
         finally:
             browser.close()
             print(f"viewer CXR test phases (s): {phases}")

@@ -264,10 +264,9 @@ def write_ct_measurement_sr(
     # TID 1501 groups, not TID 1411 volumetric ROIs naming the SEG segment: TID 1411 allows no SCOORD under its
     # measurements, which OHIF needs; the SEG is named as pertinent other evidence instead
     groups = [_group("lung", info, [lung], codes.SCT.Lung), _group("infection", info, infection, COVID19_INFECTION)]
-    # the finding in words only where the measurements cannot say it (no infection, no lung): SR content OHIF 3.12
-    # had not met before (a coded Present / Absent item, a finding on every report) made its SR viewport raise "stack
-    # viewport has been destroyed" in the clean-clone runs (tests/test_viewer.py), so infected volumes' SRs keep
-    # their earlier form
+    # the finding in words only where the measurements cannot say it (no infection, no lung); infected volumes'
+    # SRs keep their earlier form. (OHIF's "stack viewport has been destroyed", first blamed on a coded finding item,
+    # later came with this earlier form too: a race in OHIF, tests/test_viewer.py OHIF_VIEWPORT_RACE)
     finding = str(volume_entry.get("finding") or "")
     findings = [finding] if finding and not volume_entry.get("infection_detected", True) else []
     content = _report(groups, evidence, info, warnings, findings)
