@@ -398,11 +398,13 @@ def test_non_conformant_uids_are_read_with_one_warning_per_folder(
     import warnings
 
     from medpipe.io import dicom_scan
+    from medpipe.io.dicom import load_series
 
     files = copy(sorted((real_dataset("covid_ct_md") / "P002").glob("*.dcm"))[:4], tmp_path / "s")
     with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
         warnings.simplefilter("always")
         scan = dicom_scan.find_series(tmp_path / "s")
+        load_series(scan.series[0])  # its checks read the UIDs again
     assert len(scan.series) == 1 and len(scan.series[0].files) == len(files)
     assert not [w for w in caught if "VR UI" in str(w.message)]
     assert not [r for r in caplog.records if "VR UI" in r.getMessage() and r.name == "pydicom"]  # its log record

@@ -12,7 +12,6 @@ Pixel data are decoded with pydicom; transfer syntaxes that pydicom cannot decod
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from medpipe.errors import MedpipeError
-from medpipe.io.dicom_scan import Series, SliceFile, find_series
+from medpipe.io.dicom_scan import Series, SliceFile, find_series, invalid_uid_messages
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +149,7 @@ def _check_one_subject(files: Sequence[SliceFile], name: str) -> None:
     """One patient and one study per series: a SeriesInstanceUID reused across patients (a buggy exporter or
     anonymiser) would otherwise stack two people into one volume. The values stay out of the message."""
     for keyword in ("PatientID", "StudyInstanceUID"):
-        with warnings.catch_warnings():  # non-conformant UIDs: the scan said so once for the folder
-            warnings.simplefilter("ignore")
+        with invalid_uid_messages():  # non-conformant UIDs: the scan said so once for the folder
             each = [str(f.ds.get(keyword, "")).strip() for f in files]
         if len(set(each)) > 1:
             odd = files[next(i for i, v in enumerate(each) if v != each[0])]
