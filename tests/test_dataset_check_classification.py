@@ -157,10 +157,16 @@ def _bytes_in_two_groups(root: Path) -> tuple[Path, str]:
                   "MANIFEST.csv or delete all but one")  # fmt: skip
 
 
+def _image_in_the_root(root: Path) -> tuple[Path, str]:
+    shutil.copy(_files(root, "yes")[0], root / "stray.jpg")
+    return root, (f"'{root}' holds 1 image(s) in no class folder (first: 'stray.jpg'); move each into its class "
+                  "folder or out of the data set")  # fmt: skip
+
+
 BRAIN_FAULTS: dict[str, Callable[[Path], tuple[Path, str]]] = {
     "undecodable-image": _truncated, "folder-not-a-class": _folder_not_a_class,
     "class-without-images": _class_without_images, "same-bytes-two-classes": _bytes_under_two_classes,
-    "same-bytes-two-groups": _bytes_in_two_groups,
+    "same-bytes-two-groups": _bytes_in_two_groups, "image-in-the-root": _image_in_the_root,
 }  # fmt: skip
 
 
@@ -239,9 +245,18 @@ def _csv_class_without_images(root: Path) -> tuple[Path, str]:
     return root, "class 'normal' (index 2) of covid_cxr_cls has no images; add rows labelled 'normal' to labels.csv"
 
 
+def _path_outside_the_folder(root: Path) -> tuple[Path, str]:
+    rows = _rows(root)
+    shutil.copy(root / rows[0][0], root.parent / "outside.jpg")  # a real image, but beside the data set folder
+    _write_csv(root, [*rows, ["../outside.jpg", "normal", "p:outside", "nih_chestxray8"]])
+    return root, (f"{root / 'labels.csv'} row 8: image '../outside.jpg' lies outside '{root}'; list images by their "
+                  "path inside the data set folder (copy them into it)")  # fmt: skip
+
+
 CSV_FAULTS: dict[str, Callable[[Path], tuple[Path, str]]] = {
     "label-not-a-class": _unknown_label, "missing-file": _missing_file, "row-listed-twice": _row_twice,
     "same-bytes-two-classes": _csv_bytes_under_two_classes, "class-without-images": _csv_class_without_images,
+    "path-outside-the-folder": _path_outside_the_folder,
 }  # fmt: skip
 
 
@@ -333,3 +348,57 @@ def test_manifest_rows_the_bundle_would_refuse_are_one_line_each(brain_set: Path
         f"{manifest} row 2: 'no/{no[0].name}' is labelled 'yes', which contradicts its class folder; move the file or "
         "fix the label",
     ]
+
+
+# ------------------------------------------------------------------------------- the check before every training
+
+
+def _training_refusal(bundle: str, root: Path, tmp_path: Path) -> str:
+    """The one line a training of `bundle` on `root` is refused with; nothing is written."""
+    from medpipe.bundle.config import run_bundle
+    from medpipe.errors import find_medpipe_error
+
+    models = tmp_path / "models"
+    with pytest.raises(Exception) as info:
+        run_bundle(REPO / "bundles" / bundle, "train", dataset_dir=str(root), ckpt_dir=str(models),
+                   output_dir=str(models), epochs=1, num_folds=2, fold=0)  # fmt: skip
+    error = find_medpipe_error(info.value)
+    assert error is not None, info.value
+    assert "\n" not in str(error) and not models.exists()
+    return str(error)
+
+
+def test_training_runs_the_check_first_and_refuses_in_one_line(brain_set: Path, cxr_set: Path, tmp_path: Path) -> None:
+    """Both classification bundles check their data set before training (train.json `initialize`): an image that
+    training would only meet mid-epoch, and copies under two labels that it would learn from, stop it at the start."""
+    root, expected = _truncated(brain_set)
+    message = _training_refusal("brain_tumor_cls", root, tmp_path / "brain")
+    assert message.startswith(f"{root}: the data set check found 1 problem(s), first: {expected}"), message
+    assert message.endswith(f"; `medpipe dataset check {root} --bundle brain_tumor_cls` lists them all")
+    root, expected = _csv_bytes_under_two_classes(cxr_set)
+    message = _training_refusal("covid_cxr_cls", root, tmp_path / "cxr")
+    assert message == (f"{root}: the data set check found 1 problem(s), first: {expected}; `medpipe dataset check "
+                       f"{root} --bundle covid_cxr_cls` lists them all")  # fmt: skip
+
+
+def test_decoded_images_are_remembered_by_their_content(
+    brain_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every training runs the check, so an image's decoding is kept by its sha256: a second check decodes nothing
+    and summarises the same; a changed file is decoded again (and here refused)."""
+    import medpipe.data.classification_check as check
+
+    monkeypatch.setenv("MEDPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    bundle = classification_bundle(REPO / "bundles" / "brain_tumor_cls")
+    assert bundle is not None
+    first = check.check_classification_dataset(brain_set, bundle)
+    assert first.ok and first.decoded == 6 and (tmp_path / "cache" / "decoded_images.json").is_file()
+    decoded: list[str] = []
+    real_loader = check.load_grey_2d
+    monkeypatch.setattr(check, "load_grey_2d", lambda path: decoded.append(Path(path).name) or real_loader(path))
+    again = check.check_classification_dataset(brain_set, bundle)
+    assert decoded == [] and again.ok and (again.sizes, again.modes, again.decoded) == (first.sizes, first.modes, 6)
+    _, expected = _truncated(brain_set)
+    third = check.check_classification_dataset(brain_set, bundle)
+    assert decoded == [_files(brain_set, "yes")[0].name] and len(third.problems) == 1
+    assert third.problems[0].startswith(expected)

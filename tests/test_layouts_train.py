@@ -22,7 +22,7 @@ from cip_layouts import dicom_seg, msd, nnunet, read_cip, two_cases
 from conftest import REPO, real_dataset
 from medpipe.bundle.config import run_bundle
 from medpipe.data.convert import convert_dataset
-from medpipe.data.integrity import bundle_classes, check_dataset
+from medpipe.data.integrity import bundle_classes, check_dataset, format_report
 from medpipe.data.layouts import segmentation_datalists
 from medpipe.errors import MedpipeError, find_medpipe_error
 from medpipe.io import ct
@@ -171,9 +171,15 @@ def test_dicom_seg_gives_the_nnunet_layouts_slices_voxel_for_voxel(cip: tuple, t
                                      absent_structures="infection")["train"]
         for name, folder in [("seg", dicom_seg(tmp_path, cip)), ("nnunet", nnunet(tmp_path, cip))]
     }  # fmt: skip
-    keys = ("path", "group", "slice", "label_classes")
+    keys = ("path", "volume_group", "slice", "label_classes")
     assert [[it[k] for k in keys] for it in lists["seg"]] == [[it[k] for k in keys] for it in lists["nnunet"]]
     assert len(lists["seg"]) == 79 and lists["seg"][0]["label"].endswith("cip/lung.seg.dcm")
+    # folds group the DICOM case by its patient (the SEG's PatientID); the nnU-Net folder names no patient
+    import pydicom
+
+    patient = str(pydicom.dcmread(lists["seg"][0]["label"], stop_before_pixels=True).PatientID)
+    assert patient and {it["group"] for it in lists["seg"]} == {patient}
+    assert {it["group"] for it in lists["nnunet"]} == {"cip"}
     reader = VolumeSliceReader(64, 3, FIGURES)
     lung_voxels = 0
     for seg_item, nn_item in zip(lists["seg"], lists["nnunet"], strict=True):
@@ -240,6 +246,36 @@ def test_absent_structure_maps_lung_onto_lung_not_infected(cip: tuple, tmp_path:
     assert check_dataset(named, None, bundle_classes(BUNDLE)).class_values == {0: 0, 1: 1, 2: 2}
 
 
+def test_a_patients_cases_stay_in_one_fold(cip: tuple, tmp_path: Path) -> None:
+    """Three MSD cases, two of them one patient's (`patient` in their entries): every fold keeps that patient's
+    cases together and the check's summary says so; an nnU-Net-style splits_final.json of cases is taken, and one
+    that splits the patient is refused."""
+    ct_hu, lung, _ = cip
+    root = msd(tmp_path, cip, cases={**two_cases(cip), "cipagain": (ct_hu, lung)})
+    description = json.loads((root / "dataset.json").read_text())
+    patients = {"cip": "p1", "cipagain": "p1", "cipmirror": "p2"}
+    for entry in description["training"]:
+        entry["patient"] = patients[Path(entry["image"]).name.split(".")[0]]
+    (root / "dataset.json").write_text(json.dumps(description))
+    classes = bundle_classes(BUNDLE)
+    assert "by patient: 2 patient(s) over 3 case(s)" in format_report(check_dataset(root, None, classes))
+
+    def held_out(fold: int, splits_file: str | None = None) -> set[str]:
+        lists = segmentation_datalists(root, "auto", fold, 2, 0, bundle="covid_ct_seg", splits_file=splits_file,
+                                       class_names=classes["class_names"], structures=classes["structures"],
+                                       absent_structures="infection")  # fmt: skip
+        return {it["volume_group"] for it in lists["val"]}
+
+    assert sorted(map(sorted, (held_out(0), held_out(1)))) == [["cip", "cipagain"], ["cipmirror"]]
+    cases = [{"train": ["cip", "cipagain"], "val": ["cipmirror"]}, {"train": ["cipmirror"], "val": ["cip", "cipagain"]}]
+    (root / "splits_final.json").write_text(json.dumps(cases))
+    assert held_out(0, str(root / "splits_final.json")) == {"cipmirror"}
+    (root / "splits_final.json").write_text(json.dumps([{"train": ["cip", "cipmirror"], "val": ["cipagain"]},
+                                                        {"train": ["cipagain"], "val": ["cip", "cipmirror"]}]))
+    with pytest.raises(MedpipeError, match="fold 0 has group 'p1' on both sides"):
+        held_out(0, str(root / "splits_final.json"))
+
+
 # ----------------------------------------------------------------------------------------- PNG slices -> nnU-Net raw
 
 
@@ -270,6 +306,26 @@ def test_png_slices_convert_to_an_nnunet_folder_that_passes_the_check(tmp_path: 
         pngs = np.stack([np.asarray(Image.open(source / e[key])) for e in entries])
         np.testing.assert_array_equal(planes, pngs)
     assert volume.spacing == pytest.approx((1.0, 1.0, 1.0))
+
+    # the converted folder trains and evaluates through the volume path: channel `CLAHE` is not HU, so each volume is
+    # z-scored (nnU-Net's scheme for such a name), and nnU-Net's splits_final.json (cases) gives the folds
+    splits = tmp_path / "splits_final.json"
+    splits.write_text(json.dumps([{"train": ["coronacases_001"], "val": ["coronacases_002"]},
+                                  {"train": ["coronacases_002"], "val": ["coronacases_001"]}]))
+    models = tmp_path / "models"
+    common = {"dataset_dir": str(target), "ckpt_dir": str(models), "image_size": 32, "patch_size": 0, "tta": False,
+              "num_folds": 2, "fold": 0, "splits_file": str(splits)}  # fmt: skip
+    run_bundle(BUNDLE, "train", epochs=1, batch_size=32, val_interval=1000, **common)
+    stored = json.loads((models / "model.normalisation.json").read_text())
+    assert stored["scheme"] == "nnunet_zscore" and stored["channel"] == "CLAHE" and stored["cases"] == 1
+    run_bundle(BUNDLE, "evaluate", output_dir=str(tmp_path / "eval"), **common)
+    scored = (tmp_path / "eval" / "per_volume.csv").read_text().splitlines()
+    assert len(scored) == 2 and scored[1].startswith("coronacases_002,120,")
+    # such a model reads no HU, so it is not run on CT series
+    message = refusal("inference", input=str(target / "imagesTr" / "coronacases_002_0000.nii.gz"),
+                      ckpt_dir=str(models), output_dir=str(tmp_path / "infer"))  # fmt: skip
+    assert "trained on the 'CLAHE' channel of its data set, not on CT in HU" in message
+    assert not (tmp_path / "infer").exists()
 
     with pytest.raises(MedpipeError, match="exists and is not an empty folder: convert into a new folder"):
         convert_dataset(source, target, "nnunet")

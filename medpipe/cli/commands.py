@@ -430,6 +430,7 @@ def dataset_command(
     """medpipe dataset check PATH [--layout nnunet|msd|dicom_seg] [--bundle NAME [--label_map JSON]
     [--absent_structures S]]
     medpipe dataset check PATH --bundle brain_tumor_cls|covid_cxr_cls
+    medpipe dataset check PATH --bundle covid_ct_seg   (PATH holding datalist.json: the shipped PNG slice layout)
     medpipe dataset convert SRC DST --to nnunet [--max_cases N]
 
     check: a segmentation data set (nnU-Net v2 raw, MSD / MONAI datalist or DICOM + DICOM-SEG, docs/datasets.md):
@@ -466,12 +467,29 @@ def dataset_command(
                                           absent_structures=absent_structures)  # fmt: skip
             return
         classes = bundle_classes(bundle_dir)
+        if (Path(str(path)) / "datalist.json").is_file() and layout in (None, "png"):
+            _check_png_slices(str(path), classes, label_map=label_map, absent_structures=absent_structures)
+            return
     elif label_map is not None or absent_structures is not None:
         given = "--label_map" if label_map is not None else "--absent_structures"
         raise MedpipeError(f"{given} maps labels onto a bundle's classes: give --bundle NAME too")
     report = check_dataset(str(path), None if layout is None else str(layout), classes, parse_label_map(label_map),
                            parse_names(absent_structures))  # fmt: skip
     print(format_report(report))
+    if not report.ok:
+        raise MedpipeError(f"{path}: {len(report.problems)} problem(s), each an 'error:' line above")
+
+
+def _check_png_slices(path: str, classes: dict[str, Any], **volume_only: Any) -> None:
+    """`dataset check PATH --bundle covid_ct_seg` on the shipped slice layout (datalist.json of PNG slices)."""
+    from medpipe.data.slices_check import check_png_slices, format_slice_report
+
+    given = [f"--{key}" for key, value in volume_only.items() if value is not None]
+    if given:
+        raise MedpipeError(f"{', '.join(given)}: for volume layouts; '{path}' is the PNG slice layout, whose labels "
+                           "are the bundle's classes")  # fmt: skip
+    report = check_png_slices(path, classes["class_names"])
+    print(format_slice_report(report))
     if not report.ok:
         raise MedpipeError(f"{path}: {len(report.problems)} problem(s), each an 'error:' line above")
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import inspect
 import json
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from medpipe.data.datalists import labels_csv_datalists, read_labels_csv, scan_class_folders
 from medpipe.errors import MedpipeError
-from medpipe.files import sha256_file
+from medpipe.files import atomic_write_text, cache_dir, sha256_file
 from medpipe.io.images import DICOM_SUFFIXES, NIFTI_SUFFIXES, image_suffix, load_grey_2d
 
 CLASS_FOLDERS = "class folders"
@@ -28,6 +28,9 @@ LABELS_CSV = "labels CSV"
 # the reader a bundle's `datalists` expression calls decides the layout it reads
 READERS = {"class_folder_datalists": CLASS_FOLDERS, "labels_csv_datalists": LABELS_CSV}
 MOST_COMMON_SIZES = 3
+# what decoding found for each image content (sha256 -> [width, height, pixel format]), kept between jobs: every
+# training runs this check, and decoding the 1,275 CXR images each time would cost more than hashing them
+DECODED_CACHE_VERSION = 1
 
 
 @dataclass
@@ -124,9 +127,14 @@ def check_classification_dataset(root: str | Path, bundle: ClassificationBundle)
         report.items = read_labels_csv(root, bundle.class_names, bundle.label_map, bundle.csv_name, report.problems)
     _check_classes(report)
     by_sha: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    decoded = _read_decoded_cache()
+    known = len(decoded)
     for item in report.items:
-        _decode(item, report)
-        by_sha[sha256_file(item["image"])].append(item)
+        sha = sha256_file(item["image"])
+        _decode(item, report, sha, decoded)
+        by_sha[sha].append(item)
+    if len(decoded) > known:
+        _write_decoded_cache(decoded)
     report.copies = [copies for copies in by_sha.values() if len(copies) > 1]
     _check_copies(report)
     report.groups = Counter(it["group"] for it in report.items)
@@ -148,17 +156,66 @@ def _check_classes(report: ClassificationReport) -> None:
         report.problems.append(f"class '{name}' (index {index}) of {bundle.name} has no images; {todo}")
 
 
-def _decode(item: dict[str, Any], report: ClassificationReport) -> None:
-    """Read the image as training will (the bundles' loader), so a file that would stop a run is named now."""
-    try:
-        pixels = load_grey_2d(item["image"])
-    except MedpipeError as exc:
-        report.problems.append(f"{item['path']}: {exc} (training would stop on it: replace or remove the file)")
-        return
+def _decode(item: dict[str, Any], report: ClassificationReport, sha: str, decoded: dict[str, list]) -> None:
+    """Read the image as training will (the bundles' loader), so a file that would stop a run is named now; a
+    content decoded before (`decoded`, by sha256) is not decoded again, a new one is added to it."""
+    if sha not in decoded:
+        try:
+            rows, cols = load_grey_2d(item["image"]).shape
+        except MedpipeError as exc:
+            report.problems.append(f"{item['path']}: {exc} (training would stop on it: replace or remove the file)")
+            return
+        decoded[sha] = [int(cols), int(rows), _pixel_format(Path(item["image"]))]
+    cols, rows, mode = decoded[sha]
     report.decoded += 1
-    rows, cols = pixels.shape
     report.sizes[f"{cols}x{rows}"] += 1
-    report.modes[_pixel_format(Path(item["image"]))] += 1
+    report.modes[mode] += 1
+
+
+def _decoded_cache_file() -> Path:
+    return cache_dir() / "decoded_images.json"
+
+
+def _read_decoded_cache() -> dict[str, list]:
+    """The stored decodings; empty when there are none or they cannot be read (they are only recomputed)."""
+    try:
+        stored = json.loads(_decoded_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stored, dict) or stored.get("version") != DECODED_CACHE_VERSION:
+        return {}
+    entries = stored.get("images")
+    return {k: v for k, v in entries.items() if isinstance(v, list) and len(v) == 3} if isinstance(entries, dict) \
+        else {}  # fmt: skip
+
+
+def _write_decoded_cache(decoded: dict[str, list]) -> None:
+    try:
+        _decoded_cache_file().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_decoded_cache_file(), json.dumps({"version": DECODED_CACHE_VERSION, "images": decoded}))
+    except OSError:  # an unwritable cache costs only the decoding next time
+        pass
+
+
+def require_clean_dataset(
+    dataset_dir: str | Path, bundle_root: str | Path, class_names: Any, label_map: Any = None,
+    split_mode: str = "group",
+) -> str:
+    """The check every training of a classification bundle runs first (the first step of its train.json
+    `training`), with the job's own classes, label map and split mode: refused in one line naming the first problem
+    and how many there are, before anything trains; else a one-line summary."""
+    layout = classification_bundle(bundle_root)
+    if layout is None:
+        raise MedpipeError(f"{bundle_root}: its train.json reads no classification layout; nothing to check")
+    bundle = replace(layout, class_names=[str(n) for n in class_names], split_mode=str(split_mode),
+                     label_map=dict(label_map) if label_map else None)  # fmt: skip
+    report = check_classification_dataset(dataset_dir, bundle)
+    if report.problems:
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        raise MedpipeError(f"{report.root}: the data set check found {len(report.problems)} problem(s), first: "
+                           f"{report.problems[0]}{more}; `medpipe dataset check {report.root} --bundle "
+                           f"{bundle.name}` lists them all")  # fmt: skip
+    return f"{report.root}: {len(report.items)} images checked, ok"
 
 
 def _pixel_format(path: Path) -> str:

@@ -139,6 +139,10 @@ def scan_class_folders(
         raise MedpipeError(
             f"'{root}' has no folder for class(es) {missing}: every class {list(class_names)} needs images"
         )
+    loose = sorted(p.name for p in root.iterdir() if p.is_file() and is_image_file(p))
+    if loose:  # an image beside the class folders has no class: it would not be used, without a word
+        _refuse(f"'{root}' holds {len(loose)} image(s) in no class folder (first: '{loose[0]}'); move each into its "
+                "class folder or out of the data set", problems)  # fmt: skip
     groups = _read_manifest_groups(root, class_names, split_mode, problems)
     items: list[dict[str, Any]] = []
     for label, class_name in enumerate(class_names):
@@ -242,6 +246,9 @@ def read_labels_csv(
             refusal = f"unknown label '{finding}' (expected one of {sorted(label_map)})"
         elif not group:
             refusal = "empty patient_id; every image needs its patient so splits cannot leak"
+        elif name and not path.resolve().is_relative_to(root.resolve()):
+            refusal = (f"image '{name}' lies outside '{root}'; list images by their path inside the data set folder "
+                       "(copy them into it)")
         elif not name or not path.is_file():
             refusal = f"image '{name}' not found in '{root}'; fix the path or delete the row"
         elif not is_image_file(path):
@@ -306,11 +313,14 @@ def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> list[flo
     return (counts.sum() / (num_classes * counts)).tolist()
 
 
-def read_seg_datalist(dataset_dir: str | Path, section: str = "training") -> list[dict[str, Any]]:
+def read_seg_datalist(
+    dataset_dir: str | Path, section: str = "training", problems: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Items {image, label, path, group, …} of one section of `<dataset_dir>/datalist.json` (decathlon style).
 
     Paths are resolved against the folder; `volume_group` (else `patient_id`, else the image path) becomes `group`,
-    so that folds never put slices of one volume on both sides. A missing file or key stops with one line.
+    so that folds never put slices of one volume on both sides. A missing file or key stops with one line; with
+    `problems` (the data set check, medpipe.data.slices_check) each such entry is noted there and left out.
     """
     root = Path(dataset_dir)
     path = root / "datalist.json"
@@ -326,16 +336,20 @@ def read_seg_datalist(dataset_dir: str | Path, section: str = "training") -> lis
     for i, entry in enumerate(entries):
         where = f"{path} {section}[{i}]"
         if not isinstance(entry, dict) or "image" not in entry:
-            raise MedpipeError(f"{where}: every entry needs an 'image' (and 'label' for training)")
+            _refuse(f"{where}: every entry needs an 'image' (and 'label' for training)", problems)
+            continue
         item = {k: v for k, v in entry.items() if not isinstance(v, (dict, list))}
+        missing = [f"{key} '{entry[key]}'" for key in ("image", "label") if key in entry
+                   and not (root / str(entry[key])).is_file()]  # fmt: skip
+        if missing:
+            _refuse(f"{where}: {missing[0]} not found in '{root}'", problems)
+            continue
         for key in ("image", "label"):
             if key in entry:
-                file = root / str(entry[key])
-                if not file.is_file():
-                    raise MedpipeError(f"{where}: {key} '{entry[key]}' not found in '{root}'")
-                item[key] = str(file)
+                item[key] = str(root / str(entry[key]))
         if section == "training" and "label" not in item:
-            raise MedpipeError(f"{where}: training entries need a 'label'")
+            _refuse(f"{where}: training entries need a 'label'", problems)
+            continue
         item["path"] = str(entry["image"])
         item["group"] = str(entry.get("volume_group") or entry.get("patient_id") or entry["image"])
         item.setdefault("volume_group", item["group"])

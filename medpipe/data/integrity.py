@@ -45,6 +45,7 @@ class Case:
     label: Path | None
     shape: tuple[int, ...] | None = None  # the images' grid and RAS affine, once read
     affine: np.ndarray | None = None
+    patient: str = ""  # when the data set names the case's patient (DICOM PatientID, an MSD entry's `patient`)
 
 
 @dataclass
@@ -249,7 +250,8 @@ def _read_msd(root: Path, description: dict[str, Any], report: Report) -> None:
     except ValueError:
         raise MedpipeError(f"{root / 'dataset.json'}: MSD labels map values to names ('1': 'lung'); for name -> value "
                            "use the nnU-Net layout") from None
-    report.channels = {str(k): str(v) for k, v in (description.get("modality") or {"0": "image"}).items()}
+    # MSD's own lists name their channels under `modality`; without it the CT bundles take the one channel as CT (HU)
+    report.channels = {str(k): str(v) for k, v in (description.get("modality") or {"0": "CT"}).items()}
     listed: set[Path] = set()
     for index, entry in enumerate(training):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
@@ -264,8 +266,9 @@ def _read_msd(root: Path, description: dict[str, Any], report: Report) -> None:
         if gone:  # one line for the case, naming each missing file
             report.problems.append(f"case {name}: {', '.join(_rel(report, p) for p in gone)} listed in dataset.json "
                                    f"training[{index}] but missing")
-        if not gone:
-            report.cases.append(Case(name, paths, label))
+        if not gone:  # MONAI datalists may name the patient; folds keep a patient's cases together
+            patient = entry.get("patient", entry.get("patient_id", ""))
+            report.cases.append(Case(name, paths, label, patient=str(patient).strip() if patient else ""))
     if "numTraining" in description and description["numTraining"] != len(training):
         report.problems.append(f"dataset.json: numTraining is {description['numTraining']} but training lists "
                                f"{len(training)} case(s)")
@@ -332,7 +335,7 @@ def _read_dicom_seg(root: Path, report: Report) -> None:
         for number, name in header.segments.items():
             report.labels.setdefault(number, name)
             first.setdefault(number, folder.name)
-        report.cases.append(Case(folder.name, [folder], segs[0]))
+        report.cases.append(Case(folder.name, [folder], segs[0], patient=header.patient_id))
     if not report.cases and not report.problems:
         report.problems.append(f"{root}: no case folder holding a DICOM series and its DICOM-SEG")
     report.labels = dict(sorted(report.labels.items()))
@@ -575,6 +578,17 @@ def map_labels(
 # ----------------------------------------------------------------------------------------------------- the summary
 
 
+def fold_groups(report: Report) -> str:
+    """How folds keep cases together: by patient where the data set names them, else each case alone."""
+    named = [c for c in report.cases if c.patient]
+    if not named:
+        return "by case (the data set names no patients)"
+    patients = {c.patient for c in named}
+    alone = len(report.cases) - len(named)
+    return (f"by patient: {len(patients)} patient(s) over {len(named)} case(s)"
+            + (f", {alone} case(s) without a patient each alone" if alone else ""))
+
+
 def format_report(report: Report) -> str:
     """The problems (one line each) and the summary table."""
     lines = [f"error: {p}" for p in report.problems]
@@ -584,6 +598,7 @@ def format_report(report: Report) -> str:
         f"data set      {report.root} ({layout})",
         f"cases         {len(report.cases)} training (read), {report.test_images} test image(s)",
         f"channels      {', '.join(f'{k}: {v}' for k, v in report.channels.items())}",
+        f"folds group   {fold_groups(report)}",
         "labels        value  name                  cases  voxels",
     ]
     for value in sorted(set(report.labels) | set(report.voxels)):

@@ -8,7 +8,8 @@ name (or `label_map`); each case then gives one item per axial slice: `image` an
 files, `slice` the slice (display order, inferior → superior, as medpipe.io.ct.display_slices cuts them) and
 `label_classes` the label value → class index table. The loader (medpipe.transforms.volume_slices) cuts the slice and
 its neighbours from the volume. Folds keep a case's slices together (`group` = case), as the PNG slices of one
-volume are kept together, through the same split (datalists.split_seg_items).
+volume are kept together, through the same split (datalists.split_seg_items); where the data set names each case's
+patient (DICOM-SEG's PatientID, an MSD entry's `patient`), `group` is the patient, so a patient's cases stay together.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from medpipe.io import ct
 PNG = "png"  # the shipped covid_ct_seg layout: 2-D slices listed in datalist.json
 DATASET_LAYOUTS = ("auto", PNG, *LAYOUTS)
 # the keys of an item cut from a 3-D volume, which medpipe.transforms.volume_slices reads (data and transforms never
-# import each other): its axial slice index, and its label value -> class index table ({"1": 1})
+# import each other): its axial slice index, its label value -> class index table ({"1": 1}) and its channel's name
 SLICE_KEY = "slice"
 CLASSES_KEY = "label_classes"
+CHANNEL_KEY = "channel"
 
 
 def resolve_layout(dataset_dir: str | Path, dataset_layout: str = "auto") -> str:
@@ -83,13 +85,15 @@ def volume_slice_items(
         raise MedpipeError(f"{report.root}: {len(report.channels)} channels ({', '.join(report.channels.values())}); "
                            f"{classes['name']} reads one CT channel")  # fmt: skip
     table = {str(value): int(index) for value, index in sorted(report.class_values.items())}
+    channel = next(iter(report.channels.values()))  # its name picks the normalisation, as nnU-Net's does
     items: list[dict[str, Any]] = []
     for case in sorted(report.cases, key=lambda c: c.name):
         assert case.shape is not None and case.affine is not None  # a case without problems was read
         for k in range(case.shape[ct.axial_axis(case.affine)]):
             items.append({
                 "image": str(case.images[0]), "label": str(case.label), SLICE_KEY: k, CLASSES_KEY: table,
-                "path": f"{case.name}/slice_{k:04d}", "group": case.name, "volume_group": case.name,
+                CHANNEL_KEY: channel,
+                "path": f"{case.name}/slice_{k:04d}", "group": case.patient or case.name, "volume_group": case.name,
                 "source_index": k,
             })  # fmt: skip
     return items
@@ -97,11 +101,11 @@ def volume_slice_items(
 
 def cap_cases(items: list[dict[str, Any]], max_cases: int, seed: int = 0) -> list[dict[str, Any]]:
     """The slices of at most `max_cases` cases (-1: all), chosen by a seeded shuffle, kept in their order."""
-    cases = sorted({it["group"] for it in items})
+    cases = sorted({it["volume_group"] for it in items})
     if max_cases < 0 or len(cases) <= max_cases:
         return items
     chosen = {cases[i] for i in np.random.default_rng(seed).permutation(len(cases))[:max_cases]}
-    return [it for it in items if it["group"] in chosen]
+    return [it for it in items if it["volume_group"] in chosen]
 
 
 def segmentation_datalists(

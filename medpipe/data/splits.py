@@ -134,6 +134,19 @@ def read_splits(path: str | Path) -> dict[str, Any]:
                                                       for f in folds]}  # fmt: skip
 
 
+def by_case(splits: dict[str, Any], items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A splits file that lists cases (groups) rather than items, as nnU-Net's splits_final.json lists its cases, with
+    each case replaced by its items (a volume layout's slices); any other file as it is."""
+    members: dict[str, list[str]] = {}
+    for it in items:  # a volume layout's case is its volume_group (its group is the patient where one is named)
+        members.setdefault(str(it.get("volume_group", it.get("group"))), []).append(str(it["path"]))
+    listed = {i for f in splits["folds"] for k in ("train", "val") for i in f[k]}
+    if not listed or listed & {str(it["path"]) for it in items} or not listed <= members.keys():
+        return splits
+    folds = [{k: [i for case in f[k] for i in members[case]] for k in ("train", "val")} for f in splits["folds"]]
+    return {**splits, "folds": folds}
+
+
 def _check_partition(splits: Mapping[str, Any], items: Sequence[Mapping[str, Any]], where: str) -> None:
     """Every id names an item, every item is validated in exactly one fold, train = the rest, groups never cross."""
     ids = [str(it["path"]) for it in items]
@@ -180,7 +193,7 @@ def apply_splits(
 
     The file must fit the data exactly (every id exists, every item held out once, num_folds agrees), else one line
     naming the first offender: a partition that silently drops or adds images would change what a fold scores."""
-    splits = read_splits(splits_file)
+    splits = by_case(read_splits(splits_file), items)
     where = f"splits file '{splits_file}'"
     if len(splits["folds"]) != num_folds:
         raise MedpipeError(f"{where} has {len(splits['folds'])} folds but num_folds is {num_folds}: "

@@ -41,6 +41,7 @@ from medpipe.transforms.ct_intensity import (
     check_normalisation,
     ct_to_model_slices,
     hu_model_slices,
+    is_hounsfield,
 )
 from medpipe.transforms.seg_postprocessing import (
     PADDING_HU,
@@ -225,6 +226,11 @@ class VolumeSegmenter:
                                "(model.normalisation.json): it was trained on the PNG slices; use another window")
         self.normalisation = None if normalisation is None else check_normalisation(dict(normalisation),
                                                                                     "normalisation")  # fmt: skip
+        if not is_hounsfield(self.normalisation):
+            channel = self.normalisation.get("channel", "?") if self.normalisation else "?"
+            raise MedpipeError(f"this model was trained on the '{channel}' channel of its data set, not on CT in HU: "
+                               "it cannot segment CT series; evaluate it on its own data set (`medpipe run "
+                               "covid_ct_seg evaluate --dataset_dir ...`)")  # fmt: skip
         if not isinstance(self.window, str):
             ct.window(np.zeros(1, np.float32), self.window)  # a bad width fails here, in one line, not mid-run
         self.slice_size, self.clip_limit, self.batch_size = slice_size, clip_limit, batch_size

@@ -28,6 +28,7 @@ class SegHeader:
     segments: dict[int, str]
     series_uids: tuple[str, ...]
     segmentation_type: str
+    patient_id: str = ""  # the SEG's PatientID (a SEG carries its source series' patient module)
 
 
 def is_seg_file(path: Path) -> bool:
@@ -51,7 +52,7 @@ def read_seg_header(path: str | Path) -> SegHeader:
     segments = {int(s.SegmentNumber): str(s.get("SegmentLabel", "") or f"segment {s.SegmentNumber}")
                 for s in ds.get("SegmentSequence", [])}  # fmt: skip
     series = tuple(str(s.SeriesInstanceUID) for s in ds.get("ReferencedSeriesSequence", []))
-    return SegHeader(path, segments, series, str(ds.get("SegmentationType", "")))
+    return SegHeader(path, segments, series, str(ds.get("SegmentationType", "")), str(ds.get("PatientID", "")).strip())
 
 
 def _frame_sources(ds: pydicom.Dataset) -> list[str]:

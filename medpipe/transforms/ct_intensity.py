@@ -27,8 +27,9 @@ MAX_MIN_HU = -500.0
 MIN_BODY_FRACTION = 0.01
 
 
-def check_axial_ct(volume: Volume, name: str) -> None:
-    """Refuse volumes a model trained on axial HU slices cannot read: non-axial stacks, non-HU intensities, no body."""
+def check_axial_ct(volume: Volume, name: str, hounsfield: bool = True) -> None:
+    """Refuse volumes a model trained on axial HU slices cannot read: non-axial stacks, non-HU intensities, no body
+    (`hounsfield` False: a model trained on another channel, medpipe.transforms.volume_slices; only the geometry)."""
     directions = np.asarray(volume.affine)[:3, :3] / np.linalg.norm(np.asarray(volume.affine)[:3, :3], axis=0)
     closest = int(np.argmax(np.abs(directions[2])))  # which voxel axis runs closest to superior
     # the planes count, not only the stacking axis: a gantry tilt stacks tilted planes straight head-foot (a
@@ -42,6 +43,8 @@ def check_axial_ct(volume: Volume, name: str) -> None:
         )
     if volume.array.ndim != 3 or min(volume.array.shape) < 1:
         raise MedpipeError(f"{name}: expected a 3-D volume, got shape {volume.array.shape}")
+    if not hounsfield:
+        return
     low = float(np.min(volume.array))
     if low > MAX_MIN_HU:
         raise MedpipeError(f"{name}: lowest value {low:g} > {MAX_MIN_HU:g}; not CT in Hounsfield units (air ≈ -1000)")
@@ -96,6 +99,32 @@ NORMALISATION_SCHEME = "nnunet_ct"
 FOREGROUND_SAMPLES = 10000  # nnU-Net samples this many foreground voxels per case, with replacement, seed 1234
 FOREGROUND_SEED = 1234
 PERCENTILES = (0.5, 99.5)
+# nnU-Net picks the normalisation by the dataset's channel name (casefolded): "CT" the one above, "noNorm" none,
+# "rescale_to_0_1" min-max per volume, any other name a z-score per volume (its ZScoreNormalization, no mask). The
+# per-volume schemes store no figures, only their name; a model trained so reads no HU, so it is not run on clinical
+# series (medpipe.inference.ct_volume refuses), only evaluated on volumes of its own channel.
+PER_VOLUME_SCHEMES = {"nonorm": "nnunet_nonorm", "rescale_to_0_1": "nnunet_rescale_to_0_1"}
+ZSCORE_SCHEME = "nnunet_zscore"
+SCHEMES = (NORMALISATION_SCHEME, ZSCORE_SCHEME, *PER_VOLUME_SCHEMES.values())
+
+
+def channel_scheme(channel_name: str) -> str:
+    """The normalisation nnU-Net gives a channel of this name (`CT`: HU)."""
+    key = str(channel_name).casefold()
+    if key == "ct":
+        return NORMALISATION_SCHEME
+    return PER_VOLUME_SCHEMES.get(key, ZSCORE_SCHEME)
+
+
+def is_hounsfield(figures: Any) -> bool:
+    """Whether stored figures (None: a model trained on the PNG slices, which maps HU itself) read HU volumes."""
+    return figures is None or figures.get("scheme") == NORMALISATION_SCHEME
+
+
+def per_volume_figures(scheme: str, channel_name: str, cases: int) -> dict[str, Any]:
+    """What is stored for a per-volume scheme: its name, the channel it was chosen for, how many training cases."""
+    return {"scheme": scheme, "channel": str(channel_name), "cases": int(cases),
+            "fitted_on": "nothing: each volume is normalised with its own figures (nnU-Net's scheme for this channel)"}
 
 
 def foreground_samples(hu: np.ndarray, foreground: np.ndarray) -> np.ndarray:
@@ -123,8 +152,10 @@ def fit_ct_normalisation(samples: list[np.ndarray], cases: int) -> dict[str, Any
 
 def check_normalisation(figures: Any, where: str) -> dict[str, Any]:
     """The stored figures, or one line saying what is wrong with them (`where` names the file)."""
-    if not isinstance(figures, dict) or figures.get("scheme") != NORMALISATION_SCHEME:
-        raise MedpipeError(f"{where}: not HU normalisation figures (scheme '{NORMALISATION_SCHEME}' expected)")
+    if not isinstance(figures, dict) or figures.get("scheme") not in SCHEMES:
+        raise MedpipeError(f"{where}: not volume normalisation figures (scheme one of {', '.join(SCHEMES)} expected)")
+    if figures["scheme"] != NORMALISATION_SCHEME:
+        return dict(figures)
     try:
         low, high, mean, std = (float(figures[k]) for k in ("clip_low", "clip_high", "mean", "std"))
     except (KeyError, TypeError, ValueError) as exc:
@@ -155,7 +186,23 @@ def normalise_hu(hu: np.ndarray, figures: dict[str, Any]) -> np.ndarray:
     return out
 
 
+def normalise_volume(array: np.ndarray, figures: dict[str, Any]) -> np.ndarray:
+    """A volume normalised by its stored scheme: HU with the fitted figures, or a per-volume scheme (float32)."""
+    scheme = figures["scheme"]
+    if scheme == NORMALISATION_SCHEME:
+        return normalise_hu(array, figures)
+    out = np.asarray(array, dtype=np.float32).copy()
+    if scheme == ZSCORE_SCHEME:
+        out -= out.mean()
+        out /= max(float(out.std()), 1e-8)
+    elif scheme == PER_VOLUME_SCHEMES["rescale_to_0_1"]:
+        low, high = float(out.min()), float(out.max())
+        out = (out - low) / max(high - low, 1e-8)
+    return out
+
+
 def hu_model_slices(volume: Volume, figures: dict[str, Any], size: int) -> np.ndarray:
-    """(N, size, size) float32 axial display slices of a HU volume, normalised with `figures`, resized in-plane
-    (bilinear, antialiased when shrinking): what a model trained on HU volumes reads, at training and inference."""
-    return ct.display_slices(normalise_hu(volume.array, figures), volume.affine, size=size)
+    """(N, size, size) float32 axial display slices of a volume, normalised with `figures` (HU: nnU-Net's CT scheme),
+    resized in-plane (bilinear, antialiased when shrinking): what a model trained on volumes reads, at training and
+    inference."""
+    return ct.display_slices(normalise_volume(volume.array, figures), volume.affine, size=size)

@@ -24,16 +24,21 @@ from medpipe.errors import MedpipeError
 from medpipe.io import ct
 from medpipe.io.dicom import Volume
 from medpipe.transforms.ct_intensity import (
+    NORMALISATION_SCHEME,
+    channel_scheme,
     check_axial_ct,
     fit_ct_normalisation,
     foreground_samples,
     hu_model_slices,
+    is_hounsfield,
+    per_volume_figures,
     read_normalisation,
 )
 from medpipe.transforms.slice_context import VOLUME_SLICE_KEY, check_context_slices, stack_context
 
 # the item keys and layout name medpipe.data.layouts writes (data and transforms never import each other)
 CLASSES_KEY = "label_classes"
+CHANNEL_KEY = "channel"  # the data set's name of the image channel (nnU-Net's channel_names, MSD's modality)
 PNG_LAYOUT = "png"
 
 
@@ -49,10 +54,12 @@ def _class_map(label: Volume, table: Mapping[str, int], path: str) -> np.ndarray
     return lookup[values]
 
 
-def read_case(image: str, label: str, table: Mapping[str, int]) -> tuple[Volume, np.ndarray]:
-    """(the CT volume, checked axial and in HU; its label as class indexes on the same grid)."""
+def read_case(
+    image: str, label: str, table: Mapping[str, int], hounsfield: bool = True
+) -> tuple[Volume, np.ndarray]:
+    """(the CT volume, checked axial and, when `hounsfield`, in HU; its label as class indexes on the same grid)."""
     volume = ct.load_volume(image)
-    check_axial_ct(volume, image)
+    check_axial_ct(volume, image, hounsfield)
     return volume, _class_map(ct.load_label(label, volume), table, label)
 
 
@@ -66,11 +73,18 @@ def _cases(items: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, tuple[tup
 
 
 def fit_normalisation(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """nnU-Net's CT normalisation figures from the training cases among `items`: the foreground is every voxel of a
-    bundle class (label class > 0), 10,000 voxels sampled per case as nnU-Net samples them."""
+    """nnU-Net's normalisation for the items' channel: for CT the figures from the training cases among `items` (the
+    foreground is every voxel of a bundle class, label class > 0, 10,000 voxels sampled per case as nnU-Net samples
+    them); for another channel name its per-volume scheme (medpipe.transforms.ct_intensity.channel_scheme)."""
     cases = _cases(items)
     if not cases:
         raise MedpipeError("HU normalisation: no volume among the training items to fit it on")
+    channels = sorted({str(item.get(CHANNEL_KEY, "CT")) for item in items if VOLUME_SLICE_KEY in item})
+    if len(channels) != 1:
+        raise MedpipeError(f"volume normalisation: the training items name channels {channels}; one is expected")
+    scheme = channel_scheme(channels[0])
+    if scheme != NORMALISATION_SCHEME:
+        return per_volume_figures(scheme, channels[0], len(cases))
     samples = []
     for image, label, table in cases:
         volume, classes = read_case(image, label, dict(table))
@@ -83,7 +97,7 @@ def stored_normalisation(path: str | Path, layout: str) -> dict[str, Any] | None
     slices must not have them (the model would be read with another input than it was trained on)."""
     figures = read_normalisation(path)
     if layout == PNG_LAYOUT and figures is not None:
-        raise MedpipeError(f"{path}: this model was trained on HU volumes; evaluate it on a volume layout (nnU-Net, "
+        raise MedpipeError(f"{path}: this model was trained on volumes; evaluate it on a volume layout (nnU-Net, "
                            "MSD) as it was trained, not on the 8-bit PNG slices")  # fmt: skip
     if layout != PNG_LAYOUT and figures is None:
         raise MedpipeError(f"'{path}' not found: the checkpoint was not trained on HU volumes (or its HU "
@@ -103,6 +117,7 @@ class VolumeSliceReader:
                                "the checkpoint)")  # fmt: skip
         self.image_size, self.context_slices = int(image_size), check_context_slices(context_slices)
         self.normalisation, self.keep = dict(normalisation), int(keep)
+        self.hounsfield = is_hounsfield(self.normalisation)
         self._prepared: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()  # CacheDataset may fill its cache from a thread pool
 
@@ -113,7 +128,7 @@ class VolumeSliceReader:
             if key in self._prepared:
                 self._prepared.move_to_end(key)
                 return self._prepared[key]
-            volume, classes = read_case(image, label, table)
+            volume, classes = read_case(image, label, table, self.hounsfield)
             slices = hu_model_slices(volume, self.normalisation, self.image_size)
             labels = ct.display_slices(classes, volume.affine, size=self.image_size, mode="nearest-exact")
             self._prepared[key] = (slices, np.rint(labels).astype(np.uint8))
@@ -124,6 +139,7 @@ class VolumeSliceReader:
     def __call__(self, item: Mapping[str, Any]) -> dict[str, Any]:
         """The item with `image` and `label` replaced by its slice's tensors (its class table dropped)."""
         out = dict(item)
+        out.pop(CHANNEL_KEY, None)
         slices, labels = self.volume(str(out["image"]), str(out["label"]), out.pop(CLASSES_KEY))
         k = int(out[VOLUME_SLICE_KEY])
         if not 0 <= k < len(slices):

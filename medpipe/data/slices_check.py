@@ -1,0 +1,171 @@
+"""covid_ct_seg's shipped layout (2-D slices listed in `datalist.json`) checked as the bundle reads it
+(`medpipe dataset check PATH --bundle covid_ct_seg`, and first thing in every training on it).
+
+The bundle's reader (`medpipe.data.datalists.read_seg_datalist`) lists the entries, noting each refusal instead of
+stopping at the first; then every image and its label are decoded and compared, because the loader resizes both to
+`image_size` and would align an image with a label of another shape without a word. Problems: a missing file or key,
+a file that does not decode, an image that is not one grey channel, a label of another shape than its image, label
+values that are not classes of the bundle, the same image bytes in two volume groups (a fold could train on one and
+score the other). What decoding found is kept by the files' sha256 (as for the classification check), so a later
+training hashes the files and decodes only new or changed ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medpipe.data.datalists import read_seg_datalist
+from medpipe.errors import MedpipeError
+from medpipe.files import atomic_write_text, cache_dir, sha256_file
+
+CACHE_VERSION = 1
+CACHE_NAME = "decoded_slices.json"
+
+
+@dataclass
+class SliceReport:
+    """What `check_png_slices` found: the problems (one line each) and what the slices hold."""
+
+    root: Path
+    class_names: list[str]
+    items: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    sizes: Counter = field(default_factory=Counter)  # "WxH" -> slices
+    pixels: Counter = field(default_factory=Counter)  # label value -> pixels over all slices
+    slices_with: Counter = field(default_factory=Counter)  # label value -> slices holding it
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _decode(image: str, label: str) -> dict[str, Any]:
+    """The image's size and mode, its label's size and {value: pixels}; MedpipeError naming the file that fails."""
+    from PIL import Image, UnidentifiedImageError
+
+    found: dict[str, Any] = {}
+    for key, path in (("image", image), ("label", label)):
+        try:
+            with Image.open(path) as img:
+                array = np.asarray(img)
+                found[f"{key}_mode"] = img.mode
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise MedpipeError(f"{key} '{path}' does not decode ({exc})") from None
+        found[f"{key}_size"] = [int(array.shape[1]), int(array.shape[0])] if array.ndim >= 2 else list(array.shape)
+        if key == "label":
+            values, counts = np.unique(array, return_counts=True)
+            found["label_values"] = {str(int(v)): int(n) for v, n in zip(values, counts, strict=True)}
+            found["label_ndim"] = int(array.ndim)
+        else:
+            found["image_ndim"] = int(array.ndim)
+    return found
+
+
+def _read_cache() -> dict[str, Any]:
+    try:
+        stored = json.loads((cache_dir() / CACHE_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(stored, dict) and stored.get("version") == CACHE_VERSION and isinstance(stored.get("pairs"), dict)
+    return stored["pairs"] if ok else {}
+
+
+def _write_cache(pairs: dict[str, Any]) -> None:
+    try:
+        (cache_dir()).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_dir() / CACHE_NAME, json.dumps({"version": CACHE_VERSION, "pairs": pairs}))
+    except OSError:  # an unwritable cache costs only the decoding next time
+        pass
+
+
+def check_png_slices(root: str | Path, class_names: list[str]) -> SliceReport:
+    """Check the `datalist.json` slice set in `root` for a bundle with classes `class_names` (label value = index)."""
+    root = Path(root)
+    if not (root / "datalist.json").is_file():
+        raise MedpipeError(f"{root}: no datalist.json; covid_ct_seg's slice layout lists its PNG slices there "
+                           "(docs/datasets.md)")  # fmt: skip
+    report = SliceReport(root, list(class_names))
+    report.items = read_seg_datalist(root, "training", report.problems)
+    cache = _read_cache()
+    known = len(cache)
+    by_sha: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for item in report.items:
+        image_sha, label_sha = sha256_file(item["image"]), sha256_file(item["label"])
+        by_sha[image_sha].append(item)
+        key = f"{image_sha}:{label_sha}"
+        if key not in cache:
+            try:
+                cache[key] = _decode(item["image"], item["label"])
+            except MedpipeError as exc:
+                report.problems.append(f"{item['path']}: {exc} (training would stop on it: replace the file)")
+                continue
+        _check_pair(item, cache[key], report)
+    if len(cache) > known:
+        _write_cache(cache)
+    for copies in by_sha.values():
+        groups = sorted({str(it["group"]) for it in copies})
+        if len(groups) > 1:
+            report.problems.append(f"same image bytes in {len(groups)} volume groups ({', '.join(groups)}): "
+                                   f"{', '.join(it['path'] for it in copies)}; a fold can train on one and score the "
+                                   "other: delete all but one")  # fmt: skip
+    if not report.items and not report.problems:
+        report.problems.append(f"'{root / 'datalist.json'}' has an empty 'training' list")
+    return report
+
+
+def _check_pair(item: dict[str, Any], found: dict[str, Any], report: SliceReport) -> None:
+    where = item["path"]
+    if found["image_ndim"] != 2:
+        report.problems.append(f"{where}: image mode {found['image_mode']}, not one grey channel; save the slice as "
+                               "a single-channel PNG")  # fmt: skip
+        return
+    if found["label_ndim"] != 2 or found["label_size"] != found["image_size"]:
+        report.problems.append(f"{where}: label {Path(item['label']).name} is {'x'.join(map(str, found['label_size']))}"
+                               f", its image {'x'.join(map(str, found['image_size']))}; the label must lie on the "
+                               "image's grid")  # fmt: skip
+        return
+    values = {int(v): n for v, n in found["label_values"].items()}
+    unknown = sorted(v for v in values if not 0 <= v < len(report.class_names))
+    if unknown:
+        last = len(report.class_names) - 1
+        report.problems.append(f"{where}: label values {unknown[:5]} outside the classes 0..{last} "
+                               f"({', '.join(report.class_names)})")  # fmt: skip
+        return
+    report.sizes["x".join(map(str, found["image_size"]))] += 1
+    for value, count in values.items():
+        report.pixels[value] += count
+        report.slices_with[value] += 1
+
+
+def format_slice_report(report: SliceReport) -> str:
+    """The problems (one line each) and the summary table."""
+    groups = Counter(str(it["group"]) for it in report.items)
+    lines = [f"error: {p}" for p in report.problems]
+    lines += [
+        f"data set      {report.root} (PNG slices listed in datalist.json, as covid_ct_seg reads them)",
+        f"slices        {len(report.items)} listed, in {len(groups)} volume group(s) (folds split by them)",
+        "labels        value  class                 slices  pixels",
+    ]
+    for value, name in enumerate(report.class_names):
+        lines.append(f"              {value:>5}  {name:<20}  {report.slices_with[value]:>6}  {report.pixels[value]:,}")
+    lines.append("sizes         " + ", ".join(f"{size} ({n})" for size, n in report.sizes.most_common()))
+    lines.append(f"result        {'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
+    return "\n".join(lines)
+
+
+def require_clean_slices(dataset_dir: str | Path, class_names: Any, bundle: str = "covid_ct_seg") -> str:
+    """The check a training on the slice layout runs first (the first step of covid_ct_seg's `training`): refused
+    in one line naming the first problem and how many there are, before anything trains; else a one-line summary."""
+    report = check_png_slices(dataset_dir, [str(n) for n in class_names])
+    if report.problems:
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        raise MedpipeError(f"{report.root}: the data set check found {len(report.problems)} problem(s), first: "
+                           f"{report.problems[0]}{more}; `medpipe dataset check {report.root} --bundle {bundle}` "
+                           "lists them all")  # fmt: skip
+    return f"{report.root}: {len(report.items)} slices checked, ok"
