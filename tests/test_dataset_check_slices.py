@@ -76,7 +76,7 @@ def _undecodable_image(root: Path) -> tuple[Path, str]:
     entry = _entries(root)[2]
     image = root / entry["image"]
     image.write_bytes(image.read_bytes()[:100])
-    return root, f"{entry['image']}: image '{image}' does not decode ("
+    return root, f"{entry['image']}: cannot read image '{image}': "
 
 
 def _missing_label(root: Path) -> tuple[Path, str]:

@@ -2,12 +2,13 @@
 (`medpipe dataset check PATH --bundle covid_ct_seg`, and first thing in every training on it).
 
 The bundle's reader (`medpipe.data.datalists.read_seg_datalist`) lists the entries, noting each refusal instead of
-stopping at the first; then every image and its label are decoded and compared, because the loader resizes both to
-`image_size` and would align an image with a label of another shape without a word. Problems: a missing file or key,
-a file that does not decode, an image that is not one grey channel, a label of another shape than its image, label
-values that are not classes of the bundle, the same image bytes in two volume groups (a fold could train on one and
-score the other). What decoding found is kept by the files' sha256 (as for the classification check), so a later
-training hashes the files and decodes only new or changed ones.
+stopping at the first; then every image (with the bundles' loader, `load_grey_2d`) and its label are decoded and
+compared, so that what the slice loader (medpipe.transforms.seg.LoadSegSliced) would refuse one file at a time,
+mid-job, is listed at once before anything trains. Problems: a missing file or key, a file that does not decode, a
+label that is not one channel, a label of another shape than its image, label values outside the bundle's classes, the
+same image bytes in two volume groups (a fold could train on one and score the other; the loader cannot see that).
+What decoding found is kept by the files' sha256 (as for the classification check), so a later training hashes the
+files and decodes only new or changed ones.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import numpy as np
 from medpipe.data.datalists import read_seg_datalist
 from medpipe.errors import MedpipeError
 from medpipe.files import atomic_write_text, cache_dir, sha256_file
+from medpipe.io.images import load_grey_2d
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_NAME = "decoded_slices.json"
 
 
@@ -46,25 +48,20 @@ class SliceReport:
 
 
 def _decode(image: str, label: str) -> dict[str, Any]:
-    """The image's size and mode, its label's size and {value: pixels}; MedpipeError naming the file that fails."""
+    """The image's size as the bundle's loader reads it (`load_grey_2d`: grey, RGB and 16-bit alike), its label's
+    size, number of axes and {value: pixels}; MedpipeError naming the file that does not decode."""
     from PIL import Image, UnidentifiedImageError
 
-    found: dict[str, Any] = {}
-    for key, path in (("image", image), ("label", label)):
-        try:
-            with Image.open(path) as img:
-                array = np.asarray(img)
-                found[f"{key}_mode"] = img.mode
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise MedpipeError(f"{key} '{path}' does not decode ({exc})") from None
-        found[f"{key}_size"] = [int(array.shape[1]), int(array.shape[0])] if array.ndim >= 2 else list(array.shape)
-        if key == "label":
-            values, counts = np.unique(array, return_counts=True)
-            found["label_values"] = {str(int(v)): int(n) for v, n in zip(values, counts, strict=True)}
-            found["label_ndim"] = int(array.ndim)
-        else:
-            found["image_ndim"] = int(array.ndim)
-    return found
+    rows, cols = load_grey_2d(image).shape
+    try:
+        with Image.open(label) as img:
+            array = np.asarray(img)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise MedpipeError(f"label '{label}' does not decode ({exc})") from None
+    values, counts = np.unique(array, return_counts=True)
+    return {"image_size": [int(cols), int(rows)], "label_size": [int(n) for n in array.shape[:2][::-1]],
+            "label_ndim": int(array.ndim),
+            "label_values": {str(int(v)): int(n) for v, n in zip(values, counts, strict=True)}}  # fmt: skip
 
 
 def _read_cache() -> dict[str, Any]:
@@ -121,11 +118,11 @@ def check_png_slices(root: str | Path, class_names: list[str]) -> SliceReport:
 
 def _check_pair(item: dict[str, Any], found: dict[str, Any], report: SliceReport) -> None:
     where = item["path"]
-    if found["image_ndim"] != 2:
-        report.problems.append(f"{where}: image mode {found['image_mode']}, not one grey channel; save the slice as "
-                               "a single-channel PNG")  # fmt: skip
+    if found["label_ndim"] != 2:
+        report.problems.append(f"{where}: label {Path(item['label']).name} has {found['label_ndim']} axes; a label map "
+                               "is one channel of class values")  # fmt: skip
         return
-    if found["label_ndim"] != 2 or found["label_size"] != found["image_size"]:
+    if found["label_size"] != found["image_size"]:
         report.problems.append(f"{where}: label {Path(item['label']).name} is {'x'.join(map(str, found['label_size']))}"
                                f", its image {'x'.join(map(str, found['image_size']))}; the label must lie on the "
                                "image's grid")  # fmt: skip
