@@ -26,7 +26,7 @@ from medpipe.data.integrity import bundle_classes, check_dataset, format_report
 from medpipe.data.layouts import segmentation_datalists
 from medpipe.errors import MedpipeError, find_medpipe_error
 from medpipe.io import ct
-from medpipe.transforms.ct_intensity import normalise_hu
+from medpipe.transforms.ct_intensity import channel_scheme, normalise_hu, normalise_volume
 from medpipe.transforms.volume_slices import VolumeSliceReader
 
 BUNDLE = REPO / "bundles" / "covid_ct_seg"
@@ -276,6 +276,17 @@ def test_a_patients_cases_stay_in_one_fold(cip: tuple, tmp_path: Path) -> None:
         held_out(0, str(root / "splits_final.json"))
 
 
+def test_the_channel_name_picks_nnunets_normalisation() -> None:
+    """As nnU-Net maps channel names (casefolded) to its normalisation schemes; any other name is a z-score."""
+    names = {"CT": "nnunet_ct", "ct": "nnunet_ct", "noNorm": "nnunet_nonorm", "rescale_to_0_1": "nnunet_rescale_to_0_1",
+             "CLAHE": "nnunet_zscore", "T2": "nnunet_zscore"}  # fmt: skip
+    assert {name: channel_scheme(name) for name in names} == names
+    volume = np.array([[[0.0, 10.0], [20.0, 30.0]]], dtype=np.float32)
+    scaled = normalise_volume(volume, {"scheme": "nnunet_rescale_to_0_1"})
+    np.testing.assert_allclose(scaled.ravel(), [0.0, 1 / 3, 2 / 3, 1.0], rtol=1e-6)
+    np.testing.assert_array_equal(normalise_volume(volume, {"scheme": "nnunet_nonorm"}), volume)
+
+
 # ----------------------------------------------------------------------------------------- PNG slices -> nnU-Net raw
 
 
@@ -318,6 +329,8 @@ def test_png_slices_convert_to_an_nnunet_folder_that_passes_the_check(tmp_path: 
     run_bundle(BUNDLE, "train", epochs=1, batch_size=32, val_interval=1000, **common)
     stored = json.loads((models / "model.normalisation.json").read_text())
     assert stored["scheme"] == "nnunet_zscore" and stored["channel"] == "CLAHE" and stored["cases"] == 1
+    zscored = normalise_volume(ct.load_nifti(target / "imagesTr" / "coronacases_002_0000.nii.gz").array, stored)
+    assert abs(float(zscored.mean())) < 1e-4 and abs(float(zscored.std()) - 1.0) < 1e-3
     run_bundle(BUNDLE, "evaluate", output_dir=str(tmp_path / "eval"), **common)
     scored = (tmp_path / "eval" / "per_volume.csv").read_text().splitlines()
     assert len(scored) == 2 and scored[1].startswith("coronacases_002,120,")
