@@ -22,6 +22,7 @@ the results log's full CVs).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -56,8 +57,6 @@ def case_splits(png_run: Path, datalist: Path, out: Path) -> Path:
 
 def per_volume(run: Path) -> dict[str, dict[str, float]]:
     """{volume group: {metric: value}} over the run's fold folders (each volume is held out by one fold)."""
-    import csv
-
     rows: dict[str, dict[str, float]] = {}
     for path in sorted(run.glob("fold*/per_volume.csv")):
         with open(path) as f:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -17,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 from medpipe.errors import MedpipeError
 
@@ -59,6 +61,26 @@ def cache_dir() -> Path:
     """Where medpipe keeps what it can recompute (image hashes, the fitted input guard): `$MEDPIPE_CACHE_DIR`,
     else `~/.cache/medpipe`. Never inside the repository: fitted files are not committed."""
     return Path(os.environ.get("MEDPIPE_CACHE_DIR") or Path.home() / ".cache" / "medpipe")
+
+
+def read_cache(name: str, version: int) -> dict[str, Any]:
+    """The entries of `cache_dir()/name` written by `write_cache` with this `version`; empty when there is none, it
+    is of another version or it cannot be read (a cache is only ever recomputed)."""
+    try:
+        stored = json.loads((cache_dir() / name).read_text())
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(stored, dict) and stored.get("version") == version and isinstance(stored.get("entries"), dict)
+    return dict(stored["entries"]) if ok else {}
+
+
+def write_cache(name: str, version: int, entries: dict[str, Any]) -> None:
+    """Store `entries` as `cache_dir()/name` (atomically); an unwritable cache costs only the recomputation."""
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_dir() / name, json.dumps({"version": version, "entries": entries}))
+    except OSError:
+        pass
 
 
 def writable_dir(path: str | Path, what: str = "output folder") -> Path:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from medpipe.data.datalists import labels_csv_datalists, read_labels_csv, scan_class_folders
+from medpipe.data.datalists import check_refusal, labels_csv_datalists, read_labels_csv, scan_class_folders
 from medpipe.errors import MedpipeError
-from medpipe.files import atomic_write_text, cache_dir, sha256_file
+from medpipe.files import read_cache, sha256_file, write_cache
 from medpipe.io.images import DICOM_SUFFIXES, NIFTI_SUFFIXES, image_suffix, load_grey_2d
 
 CLASS_FOLDERS = "class folders"
@@ -30,7 +30,7 @@ READERS = {"class_folder_datalists": CLASS_FOLDERS, "labels_csv_datalists": LABE
 MOST_COMMON_SIZES = 3
 # what decoding found for each image content (sha256 -> [width, height, pixel format]), kept between jobs: every
 # training runs this check, and decoding the 1,275 CXR images each time would cost more than hashing them
-DECODED_CACHE_VERSION = 1
+DECODED_CACHE, DECODED_CACHE_VERSION = "decoded_images.json", 2
 
 
 @dataclass
@@ -127,14 +127,15 @@ def check_classification_dataset(root: str | Path, bundle: ClassificationBundle)
         report.items = read_labels_csv(root, bundle.class_names, bundle.label_map, bundle.csv_name, report.problems)
     _check_classes(report)
     by_sha: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    decoded = _read_decoded_cache()
+    decoded = {k: v for k, v in read_cache(DECODED_CACHE, DECODED_CACHE_VERSION).items()
+               if isinstance(v, list) and len(v) == 3}  # fmt: skip
     known = len(decoded)
     for item in report.items:
         sha = sha256_file(item["image"])
         _decode(item, report, sha, decoded)
         by_sha[sha].append(item)
     if len(decoded) > known:
-        _write_decoded_cache(decoded)
+        write_cache(DECODED_CACHE, DECODED_CACHE_VERSION, decoded)
     report.copies = [copies for copies in by_sha.values() if len(copies) > 1]
     _check_copies(report)
     report.groups = Counter(it["group"] for it in report.items)
@@ -172,31 +173,6 @@ def _decode(item: dict[str, Any], report: ClassificationReport, sha: str, decode
     report.modes[mode] += 1
 
 
-def _decoded_cache_file() -> Path:
-    return cache_dir() / "decoded_images.json"
-
-
-def _read_decoded_cache() -> dict[str, list]:
-    """The stored decodings; empty when there are none or they cannot be read (they are only recomputed)."""
-    try:
-        stored = json.loads(_decoded_cache_file().read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(stored, dict) or stored.get("version") != DECODED_CACHE_VERSION:
-        return {}
-    entries = stored.get("images")
-    return {k: v for k, v in entries.items() if isinstance(v, list) and len(v) == 3} if isinstance(entries, dict) \
-        else {}  # fmt: skip
-
-
-def _write_decoded_cache(decoded: dict[str, list]) -> None:
-    try:
-        _decoded_cache_file().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(_decoded_cache_file(), json.dumps({"version": DECODED_CACHE_VERSION, "images": decoded}))
-    except OSError:  # an unwritable cache costs only the decoding next time
-        pass
-
-
 def require_clean_dataset(
     dataset_dir: str | Path, bundle_root: str | Path, class_names: Any, label_map: Any = None,
     split_mode: str = "group",
@@ -211,10 +187,7 @@ def require_clean_dataset(
                      label_map=dict(label_map) if label_map else None)  # fmt: skip
     report = check_classification_dataset(dataset_dir, bundle)
     if report.problems:
-        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
-        raise MedpipeError(f"{report.root}: the data set check found {len(report.problems)} problem(s), first: "
-                           f"{report.problems[0]}{more}; `medpipe dataset check {report.root} --bundle "
-                           f"{bundle.name}` lists them all")  # fmt: skip
+        raise check_refusal(report.root, report.problems, bundle.name)
     return f"{report.root}: {len(report.items)} images checked, ok"
 
 

@@ -61,6 +61,14 @@ def files_under(folder: str | Path) -> list[Path]:
     return sorted(p for p in found if p.is_file())
 
 
+def check_refusal(root: str | Path, problems: Sequence[str], bundle: str) -> MedpipeError:
+    """The one line a job is refused with when the data set check of `root` found `problems` (the first, the count,
+    and the command that lists them all); the same for every layout's check."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return MedpipeError(f"{root}: the data set check found {len(problems)} problem(s), first: {problems[0]}{more}; "
+                        f"`medpipe dataset check {root} --bundle {bundle}` lists them all")
+
+
 def _refuse(message: str, problems: list[str] | None) -> None:
     """Stop with `message` in one line, or, for a check that reports every problem at once (`problems` given:
     medpipe.data.classification_check), note it and let the reader go on."""

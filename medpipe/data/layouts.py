@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from medpipe.data.datalists import seg_datalists, split_seg_items
+from medpipe.data.datalists import check_refusal, seg_datalists, split_seg_items
 from medpipe.data.integrity import (
     DICOM_SEG,
     LAYOUTS,
@@ -75,10 +75,7 @@ def volume_slice_items(
     than one channel (the CT bundles read one)."""
     report = check_dataset(dataset_dir, layout, classes, parse_label_map(label_map), parse_names(absent_structures))
     if not report.ok:
-        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
-        raise MedpipeError(f"{report.root}: the data set check found {len(report.problems)} problem(s), first: "
-                           f"{report.problems[0]}{more}; `medpipe dataset check {report.root} --bundle "
-                           f"{classes['name']}` lists them all")  # fmt: skip
+        raise check_refusal(report.root, report.problems, classes["name"])
     if not report.cases:
         raise MedpipeError(f"{report.root}: the data set has no training case")
     if len(report.channels) != 1:

@@ -13,7 +13,6 @@ files and decodes only new or changed ones.
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from medpipe.data.datalists import read_seg_datalist
+from medpipe.data.datalists import check_refusal, read_seg_datalist
 from medpipe.errors import MedpipeError
-from medpipe.files import atomic_write_text, cache_dir, sha256_file
+from medpipe.files import read_cache, sha256_file, write_cache
 from medpipe.io.images import load_grey_2d
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 CACHE_NAME = "decoded_slices.json"
 
 
@@ -53,7 +52,7 @@ def _decode(image: str, label: str) -> dict[str, Any]:
     from PIL import Image, UnidentifiedImageError
 
     rows, cols = load_grey_2d(image).shape
-    try:
+    try:  # the label as medpipe.transforms.seg.load_label_2d reads it (data and transforms never import each other)
         with Image.open(label) as img:
             array = np.asarray(img)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
@@ -64,23 +63,6 @@ def _decode(image: str, label: str) -> dict[str, Any]:
             "label_values": {str(int(v)): int(n) for v, n in zip(values, counts, strict=True)}}  # fmt: skip
 
 
-def _read_cache() -> dict[str, Any]:
-    try:
-        stored = json.loads((cache_dir() / CACHE_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-    ok = isinstance(stored, dict) and stored.get("version") == CACHE_VERSION and isinstance(stored.get("pairs"), dict)
-    return stored["pairs"] if ok else {}
-
-
-def _write_cache(pairs: dict[str, Any]) -> None:
-    try:
-        (cache_dir()).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache_dir() / CACHE_NAME, json.dumps({"version": CACHE_VERSION, "pairs": pairs}))
-    except OSError:  # an unwritable cache costs only the decoding next time
-        pass
-
-
 def check_png_slices(root: str | Path, class_names: list[str]) -> SliceReport:
     """Check the `datalist.json` slice set in `root` for a bundle with classes `class_names` (label value = index)."""
     root = Path(root)
@@ -89,7 +71,7 @@ def check_png_slices(root: str | Path, class_names: list[str]) -> SliceReport:
                            "(docs/datasets.md)")  # fmt: skip
     report = SliceReport(root, list(class_names))
     report.items = read_seg_datalist(root, "training", report.problems)
-    cache = _read_cache()
+    cache = read_cache(CACHE_NAME, CACHE_VERSION)
     known = len(cache)
     by_sha: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for item in report.items:
@@ -104,7 +86,7 @@ def check_png_slices(root: str | Path, class_names: list[str]) -> SliceReport:
                 continue
         _check_pair(item, cache[key], report)
     if len(cache) > known:
-        _write_cache(cache)
+        write_cache(CACHE_NAME, CACHE_VERSION, cache)
     for copies in by_sha.values():
         groups = sorted({str(it["group"]) for it in copies})
         if len(groups) > 1:
@@ -161,8 +143,5 @@ def require_clean_slices(dataset_dir: str | Path, class_names: Any, bundle: str 
     in one line naming the first problem and how many there are, before anything trains; else a one-line summary."""
     report = check_png_slices(dataset_dir, [str(n) for n in class_names])
     if report.problems:
-        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
-        raise MedpipeError(f"{report.root}: the data set check found {len(report.problems)} problem(s), first: "
-                           f"{report.problems[0]}{more}; `medpipe dataset check {report.root} --bundle {bundle}` "
-                           "lists them all")  # fmt: skip
+        raise check_refusal(report.root, report.problems, bundle)
     return f"{report.root}: {len(report.items)} slices checked, ok"
